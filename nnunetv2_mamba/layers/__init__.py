@@ -1,0 +1,8 @@
+"""Mamba layer and token-order helpers."""
+from nnunetv2_mamba.layers.mamba import Mamba
+from nnunetv2_mamba.layers.tokens import (BidirectionalMixer, combine, frame_deinterleave, frame_interleave,
+                                          from_tokens, reverse_tokens, run_in_axis_order, run_on_map,
+                                          run_reversed, to_tokens)
+
+__all__ = ["Mamba", "BidirectionalMixer", "combine", "frame_deinterleave", "frame_interleave", "from_tokens",
+           "reverse_tokens", "run_in_axis_order", "run_on_map", "run_reversed", "to_tokens"]

@@ -1,0 +1,92 @@
+"""``Mamba``: the selective state-space mixer, parameter-compatible with ``mamba_ssm.Mamba``.
+
+Same parameter names, shapes and initialisation (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so a
+state_dict saved from mamba_ssm, or from this layer on any backend, loads into this layer on any other.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnunetv2_mamba.ssm.scan import select_backend, selective_scan
+
+
+class Mamba(nn.Module):
+    """Mamba mixer on tokens (batch, length, d_model) -> (batch, length, d_model)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = int(d_model)  # upstream sometimes passes numpy ints (channel tokens): normalise
+        self.d_state = int(d_state)
+        self.d_conv = int(d_conv)
+        self.expand = expand
+        self.d_inner = int(expand * self.d_model)
+        self.dt_rank = math.ceil(self.d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = backend  # None: $NNUNETV2_MAMBA_BACKEND or automatic choice
+
+        self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory)
+        # Padding d_conv - 1 on both sides; keeping the first L outputs makes the conv causal.
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
+                                padding=self.d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory)
+
+        # dt_proj: weights scaled so that the initial Delta has unit-ish variance; the bias is chosen so that
+        # softplus(bias) = dt, with dt log-uniform in [dt_min, dt_max] (the S4D/Mamba initialisation).
+        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant'; got {dt_init!r}.")
+        dt = torch.exp(torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        inverse_softplus_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inverse_softplus_dt)
+        self.dt_proj.bias._no_reinit = True  # tells mamba-style init helpers to leave it alone
+
+        # S4D-real initialisation: A[d, n] = -(n + 1), stored as log so that A stays negative.
+        a_init = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(a_init))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return the mixed tokens (batch, length, d_model)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba expects tokens (batch, length, {self.d_model}); "
+                             f"got shape {tuple(hidden_states.shape)}.")
+        length = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, length)
+        x, z = xz.chunk(2, dim=1)
+        A = -torch.exp(self.A_log.float())
+        backend = select_backend(x, A, self.backend)
+
+        fused_conv = backend.causal_conv1d()
+        if fused_conv is not None:
+            x = fused_conv(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        else:
+            x = F.silu(self.conv1d(x)[..., :length])
+
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, length, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
+        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=backend.name)
+        return self.out_proj(y.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+                f"dt_rank={self.dt_rank}, backend={self.backend or 'auto'}")

@@ -1,0 +1,38 @@
+"""The interface every selective-scan backend implements."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+class ScanBackend:
+    """A named selective-scan implementation: ``available()``, ``unsupported_reason(...)`` and ``scan``."""
+
+    name: str = ""
+    description: str = ""
+
+    def available(self) -> bool:
+        """Return True if the backend's dependencies import on this machine."""
+        return self.unavailable_reason() is None
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Return why the backend cannot be used at all here (None if it can), with the fix."""
+        return None
+
+    def unsupported_reason(self, u: torch.Tensor, A: torch.Tensor) -> Optional[str]:
+        """Return why this call (device, dtype, state size) cannot run on the backend, or None."""
+        return None
+
+    def supports(self, u: torch.Tensor, A: torch.Tensor) -> bool:
+        """Return True if the backend can run a scan on these tensors."""
+        return self.unsupported_reason(u, A) is None
+
+    def scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+             return_last_state=False):
+        """Return the scan output (and final state if asked); mamba_ssm ``selective_scan_fn`` semantics."""
+        raise NotImplementedError
+
+    def causal_conv1d(self) -> Optional[Callable]:
+        """Return a fused causal depthwise conv1d + SiLU function, or None to use torch's Conv1d."""
+        return None

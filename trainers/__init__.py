@@ -1,0 +1,1 @@
+"""nnU-Net trainer subclasses (thin: recipe attributes plus ``build_network``)."""
