@@ -1,0 +1,1 @@
+"""Dataset builders and converters (synthetic demo data, video <-> nnU-Net)."""

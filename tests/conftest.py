@@ -1,0 +1,17 @@
+"""Shared pytest configuration: the ``gpu`` marker skips tests when no CUDA device is visible."""
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
+    config.addinivalue_line("markers", "e2e: runs nnU-Net's own commands end to end (slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
