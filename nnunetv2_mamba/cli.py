@@ -1,0 +1,250 @@
+"""``nnunetv2_mamba`` command line: doctor, list, demo (and the subcommands other modules register)."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+PACKAGES = ("nnunetv2", "torch", "mamba-ssm", "causal-conv1d", "triton", "dynamic-network-architectures")
+NNUNET_RANGE = ((2, 8), (2, 9))  # >= 2.8, < 2.9
+
+
+def _version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _parse_major_minor(version: str) -> Tuple[int, int]:
+    parts = version.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+class Report:
+    """Collects doctor lines; problems (needed things missing) decide the exit code."""
+
+    def __init__(self):
+        self.lines: List[str] = []
+        self.problems = 0
+
+    def section(self, title: str) -> None:
+        self.lines.append(f"\n{title}")
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"  [ok]   {text}")
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"  [info] {text}")
+
+    def problem(self, text: str, fix: str) -> None:
+        self.problems += 1
+        self.lines.append(f"  [FAIL] {text}\n         fix: {fix}")
+
+
+def _check_versions(report: Report) -> None:
+    report.section("Packages")
+    report.ok(f"python {sys.version.split()[0]}")
+    for distribution in PACKAGES:
+        version = _version(distribution)
+        if distribution == "nnunetv2":
+            if version is None:
+                report.problem("nnunetv2 is not installed", "pip install 'nnunetv2>=2.8,<2.9'")
+            elif not NNUNET_RANGE[0] <= _parse_major_minor(version) < NNUNET_RANGE[1]:
+                report.problem(f"nnunetv2 {version} is installed; this plugin needs >=2.8,<2.9",
+                               "pip install 'nnunetv2>=2.8,<2.9'")
+            else:
+                report.ok(f"nnunetv2 {version}")
+        elif version is None and distribution in ("torch", "dynamic-network-architectures"):
+            report.problem(f"{distribution} is not installed", f"pip install {distribution}")
+        elif version is None:
+            report.note(f"{distribution}: not installed (optional; `pip install nnunetv2-mamba[cuda]` on a CUDA "
+                        "machine with nvcc gives the fast kernels)")
+        else:
+            report.ok(f"{distribution} {version}")
+
+
+def _check_devices_and_backends(report: Report) -> None:
+    import torch
+
+    from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, describe_backends, select_backend
+
+    report.section("Devices")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            report.ok(f"cuda:{index} {torch.cuda.get_device_name(index)}")
+    else:
+        report.note(f"no CUDA device visible (torch {torch.__version__}); training and inference run on the CPU, "
+                    "slowly")
+    report.section("Selective-scan backends (automatic order)")
+    for row in describe_backends():
+        if row["available"]:
+            report.ok(f"{row['name']}: available - {row['description']}")
+        else:
+            report.note(f"{row['name']}: unavailable - {row['reason']}")
+    forced = os.environ.get(BACKEND_ENV_VAR)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe_u = torch.zeros(1, 1, 1, device=device)
+    probe_a = torch.zeros(1, 16, device=device)
+    try:
+        chosen = select_backend(probe_u, probe_a)
+        source = f" (forced by ${BACKEND_ENV_VAR}={forced})" if forced else ""
+        report.ok(f"chosen for fp32 tensors on {device}: {chosen.name}{source}")
+    except BackendError as error:
+        report.problem(str(error), f"unset {BACKEND_ENV_VAR} or install the requested backend")
+    if device == "cuda" and select_backend(probe_u, probe_a).name == "torch" and not forced:
+        report.note("only the pure-PyTorch scan is usable on this GPU: install mamba-ssm for full speed")
+
+
+_LOOKUP_SNIPPET = (
+    "import sys\n"
+    "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+    "import contextlib, io\n"
+    "with contextlib.redirect_stdout(io.StringIO()):\n"
+    "    cls = find(sys.argv[1])\n"
+    "print(cls.__module__ + '.' + cls.__name__)\n")
+
+
+def _check_trainers(report: Report) -> None:
+    from nnunetv2_mamba.registration import EXT_TRAINER_ENV_VAR
+    from nnunetv2_mamba.trainers.discovery import load_trainer_classes
+
+    report.section("Trainer discovery")
+    errors: dict = {}
+    trainers = sorted(name for name, cls in load_trainer_classes(errors).items() if getattr(cls, "is_concrete", 0))
+    for module, error in errors.items():
+        report.problem(f"trainer module {module} failed to import: {error}",
+                       "reinstall nnunetv2-mamba and check the error above")
+    if not trainers:
+        report.problem("no trainers found", "reinstall nnunetv2-mamba")
+        return
+    report.ok(f"{len(trainers)} trainers: {', '.join(trainers)}")
+    # A fresh interpreter with no nnUNet_extTrainer: what `nnUNetv2_train -tr ...` sees after installation.
+    env = {key: value for key, value in os.environ.items() if key != EXT_TRAINER_ENV_VAR}
+    completed = subprocess.run([sys.executable, "-c", _LOOKUP_SNIPPET, trainers[0]], env=env,
+                               capture_output=True, text=True, timeout=300)
+    if completed.returncode == 0:
+        report.ok(f"nnU-Net finds {trainers[0]} in a fresh process: {completed.stdout.strip()}")
+    else:
+        report.problem(f"nnU-Net cannot find {trainers[0]} in a fresh process:\n         "
+                       f"{completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else ''}",
+                       "reinstall with `pip install nnunetv2-mamba` (the start-up hook nnunetv2_mamba.pth "
+                       "must be in site-packages), or export nnUNet_extTrainer=" +
+                       os.path.join(os.path.dirname(__file__), "ext_trainers"))
+
+
+def _check_paths(report: Report) -> None:
+    report.section("nnU-Net folders")
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        value = os.environ.get(variable)
+        if not value:
+            report.problem(f"{variable} is not set", f"export {variable}=/path/to/{variable} (see nnU-Net's "
+                           "documentation/setting_up_paths.md)")
+        elif not os.path.isdir(value):
+            report.problem(f"{variable}={value} does not exist", f"mkdir -p {value}")
+        else:
+            report.ok(f"{variable}={value}")
+
+
+def command_doctor(args: argparse.Namespace) -> int:
+    """Print the environment report; return 1 if something needed is missing."""
+    report = Report()
+    _check_versions(report)
+    if _version("torch") is not None:
+        _check_devices_and_backends(report)
+    if _version("nnunetv2") is not None:
+        _check_trainers(report)
+    _check_paths(report)
+    print("nnunetv2-mamba doctor")
+    for line in report.lines:
+        print(line)
+    if report.problems:
+        print(f"\n{report.problems} problem(s) found; see the fixes above.")
+        return 1
+    print("\nEverything needed is in place.")
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    """Print one line per trainer: name, network, supported dimensions."""
+    from nnunetv2_mamba.trainers.discovery import concrete_trainers
+
+    rows = [(name, getattr(cls, "network_family", ""),
+             "/".join(f"{d}D" for d in getattr(cls, "supported_dims", ()))) for name, cls in concrete_trainers()]
+    if not rows:
+        print("No trainers found; run `nnunetv2_mamba doctor`.")
+        return 1
+    width = max(len(row[0]) for row in rows)
+    family_width = max(len(row[1]) for row in rows)
+    print(f"{'trainer'.ljust(width)}  {'network'.ljust(family_width)}  dims")
+    for name, family, dims in rows:
+        print(f"{name.ljust(width)}  {family.ljust(family_width)}  {dims}")
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    """Run the quick-start job and print its timings and Dice scores."""
+    from nnunetv2_mamba.demo import run_demo
+
+    result = run_demo(args.workdir, trainer_name=args.trainer, configuration=args.configuration,
+                      epochs=args.epochs, iterations=args.iterations, device=args.device)
+    print(f"\nDemo finished in {args.workdir}")
+    for step, seconds in result.timings.items():
+        print(f"  {step:<20} {seconds:8.1f} s")
+    print(f"  trained model:       {result.results_dir}")
+    print(f"  predictions:         {result.predictions_dir}")
+    for label, metrics in sorted(result.summary.get("mean", {}).items()):
+        print(f"  Dice label {label}:         {metrics['Dice']:.3f}")
+    print(f"  Dice foreground mean: {result.summary['foreground_mean']['Dice']:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="nnunetv2_mamba", description="Mamba networks for nnU-Net v2.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show log messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check versions, GPUs, scan backends, trainer discovery and nnU-Net paths"
+                   ).set_defaults(func=command_doctor)
+    sub.add_parser("list", help="list the trainers with their network and 2D/3D support"
+                   ).set_defaults(func=command_list)
+    demo = sub.add_parser("demo", help="train and evaluate a trainer briefly on a small synthetic dataset")
+    demo.add_argument("--workdir", default="nnunetv2_mamba_demo", help="folder for data, model and predictions")
+    demo.add_argument("--trainer", default="nnUNetTrainerUMambaBot", help="trainer class name")
+    demo.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration (2d, 3d_fullres)")
+    demo.add_argument("--epochs", type=int, default=1)
+    demo.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    demo.set_defaults(func=command_demo)
+    _register_optional_subcommands(sub)
+    return parser
+
+
+def _register_optional_subcommands(sub) -> None:
+    """Let feature modules add their subcommands (e.g. video tools) without this file knowing them."""
+    for module_name in ("nnunetv2_mamba.data.video_cli",):
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        module.add_video_subcommands(sub)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``nnunetv2_mamba`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""NetworkPlan: nnU-Net arch_kwargs -> plain constructor arguments, copies, validation messages."""
+import copy
+
+import pytest
+import torch
+
+from nnunetv2_mamba.plans import NetworkPlan, PlanError
+
+
+def arch_kwargs_3d():
+    return {
+        "n_stages": 4, "features_per_stage": [32, 64, 128, 256],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+        "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def test_reads_plan_resolves_ops_and_sizes():
+    arch = arch_kwargs_3d()
+    plan = NetworkPlan.from_arch_kwargs(arch, [16, 64, 48], 4, 3, ["conv_op", "norm_op", "dropout_op", "nonlin"])
+    assert plan.dim == 3 and plan.conv_op is torch.nn.Conv3d and plan.norm_op is torch.nn.InstanceNorm3d
+    assert plan.nonlin is torch.nn.LeakyReLU and plan.input_channels == 4 and plan.num_classes == 3
+    assert plan.n_blocks_per_stage == [2, 2, 2, 2] and plan.n_conv_per_stage_decoder == [2, 2, 2]
+    assert plan.stage_sizes() == [(16, 64, 48), (16, 32, 24), (8, 16, 12), (4, 8, 6)]
+
+
+def test_plan_lists_are_private_copies():
+    arch = arch_kwargs_3d()
+    snapshot = copy.deepcopy(arch)
+    plan = NetworkPlan.from_arch_kwargs(arch, [16, 64, 48], 1, 2)
+    plan.n_blocks_per_stage[-1] = 1
+    plan.kernel_sizes[0][0] = 7
+    kwargs = plan.network_kwargs()
+    kwargs["features_per_stage"][0] = 1
+    assert arch == snapshot
+    assert plan.features_per_stage[0] == 32
+
+
+def test_resenc_blocks_and_scalar_expansion():
+    arch = arch_kwargs_3d()
+    del arch["n_conv_per_stage"]
+    arch.update(n_blocks_per_stage=[1, 3, 4, 6], kernel_sizes=3, strides=[1, 2, 2, 2], n_conv_per_stage_decoder=1)
+    plan = NetworkPlan.from_arch_kwargs(arch, [32, 32, 32], 1, 2)
+    assert plan.n_blocks_per_stage == [1, 3, 4, 6]
+    assert plan.kernel_sizes == [[3, 3, 3]] * 4 and plan.strides[1] == [2, 2, 2]
+    assert plan.n_conv_per_stage_decoder == [1, 1, 1]
+
+
+@pytest.mark.parametrize("change,patch,message", [
+    ({"features_per_stage": [32, 64]}, [16, 64, 48], "features_per_stage has 2 entries; expected 4"),
+    ({}, [16, 60, 48], r"not divisible by the cumulative stride \[4, 8, 8\] of stage 3"),
+    ({}, [16, 64], r"kernel_sizes\[0\]=\[1, 3, 3\] has 3 axes; the patch has 2"),
+    ({"conv_op": "torch.nn.NoSuchConv"}, [16, 64, 48], "does not name an importable object"),
+    ({"n_stages": None}, [16, 64, 48], "lack"),
+])
+def test_bad_plans_raise_clear_errors(change, patch, message):
+    arch = arch_kwargs_3d()
+    arch.update(change)
+    if change.get("n_stages", 1) is None:
+        del arch["n_stages"]
+    with pytest.raises(PlanError, match=message):
+        NetworkPlan.from_arch_kwargs(arch, patch, 1, 2)
