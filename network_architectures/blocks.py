@@ -1,0 +1,130 @@
+"""Convolutional building blocks shared by the plugin's U-Net-shaped networks (spec §0.4).
+
+- ``BasicResBlock``: U-Mamba's residual block (two k-convs with bias, optional 1x1 shortcut, nonlin after the sum).
+- ``residual_stage``: one resolution level = ``BasicResBlock`` (carries the stride / channel change) followed by
+  ``n_blocks - 1`` dynamic_network_architectures ``BasicBlockD`` (ResNet-D) blocks, as an ``nn.Sequential`` so
+  that state_dict keys read ``<stage>.0.conv1.weight``, ``<stage>.1.conv1.conv.weight``, like the reference.
+- ``UpsampleLayer``: interpolation followed by a 1x1 conv (not a transposed conv).
+- ``init_he``: nnU-Net's ``InitWeights_He(1e-2)`` applied to a whole model.
+
+Only torch and dynamic_network_architectures are imported here (never nnunetv2), so other families
+(LoG-VMamba, ...) can reuse the blocks without depending on nnU-Net.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+IntOrSeq = Union[int, Sequence[int]]
+
+__all__ = ["BasicResBlock", "UpsampleLayer", "residual_stage", "init_he", "BasicBlockD", "InitWeights_He"]
+
+
+def _per_axis(conv_op: Type[nn.Module], value: IntOrSeq) -> list:
+    """Return ``value`` as a per-axis list of Python ints (scalars are expanded to the conv's dimension)."""
+    return [int(v) for v in maybe_convert_scalar_to_list(conv_op, value)]
+
+
+def _make_norm(norm_op: Optional[Type[nn.Module]], channels: int, norm_op_kwargs: Optional[Dict[str, Any]]):
+    """Return ``norm_op(channels, **kwargs)`` or Identity when the plan has no norm."""
+    return nn.Identity() if norm_op is None else norm_op(channels, **(norm_op_kwargs or {}))
+
+
+def _make_nonlin(nonlin: Optional[Type[nn.Module]], nonlin_kwargs: Optional[Dict[str, Any]]):
+    """Return ``nonlin(**kwargs)`` or Identity when the plan has no nonlinearity."""
+    return nn.Identity() if nonlin is None else nonlin(**(nonlin_kwargs or {}))
+
+
+class BasicResBlock(nn.Module):
+    """U-Mamba residual block: conv-norm-act-conv-norm + (1x1 conv | identity) shortcut, then act.
+
+    Both k-convs always have a bias (the reference ignores the plan's ``conv_bias`` here). Padding is k//2
+    per axis, so odd kernels keep the size and the first conv's stride alone sets the output size. Attribute
+    names (``conv1, norm1, act1, conv2, norm2, act2, conv3``) follow the reference so checkpoints map 1:1;
+    ``conv3`` is the 1x1 shortcut and exists only with ``use_1x1conv``.
+    """
+
+    def __init__(self, conv_op: Type[nn.Module], input_channels: int, output_channels: int,
+                 kernel_size: IntOrSeq, stride: IntOrSeq = 1, use_1x1conv: bool = False,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        kernel_size = _per_axis(conv_op, kernel_size)
+        stride = _per_axis(conv_op, stride)
+        padding = [k // 2 for k in kernel_size]
+        if not use_1x1conv and (input_channels != output_channels or any(s != 1 for s in stride)):
+            raise ValueError(f"BasicResBlock without a 1x1 shortcut needs input_channels == output_channels and "
+                             f"stride 1; got {input_channels} -> {output_channels}, stride {stride}. Pass "
+                             f"use_1x1conv=True.")
+        self.input_channels = int(input_channels)
+        self.output_channels = int(output_channels)
+        self.stride = stride
+        self.conv1 = conv_op(input_channels, output_channels, kernel_size, stride=stride, padding=padding, bias=True)
+        self.norm1 = _make_norm(norm_op, output_channels, norm_op_kwargs)
+        self.act1 = _make_nonlin(nonlin, nonlin_kwargs)
+        self.conv2 = conv_op(output_channels, output_channels, kernel_size, stride=1, padding=padding, bias=True)
+        self.norm2 = _make_norm(norm_op, output_channels, norm_op_kwargs)
+        self.act2 = _make_nonlin(nonlin, nonlin_kwargs)
+        self.conv3 = (conv_op(input_channels, output_channels, kernel_size=1, stride=stride, bias=True)
+                      if use_1x1conv else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the block output (B, output_channels, *S / stride)."""
+        y = self.act1(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        shortcut = x if self.conv3 is None else self.conv3(x)
+        return self.act2(y + shortcut)
+
+
+def residual_stage(conv_op: Type[nn.Module], input_channels: int, output_channels: int, kernel_size: IntOrSeq,
+                   stride: IntOrSeq, n_blocks: int, conv_bias: bool = True,
+                   norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
+                   dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
+                   nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
+                   use_1x1conv: bool = True) -> nn.Sequential:
+    """Return Sequential(BasicResBlock(in->out, stride), (n_blocks-1) x BasicBlockD(out->out, stride 1)).
+
+    The BasicResBlock ignores ``conv_bias`` (always biased) and has no dropout, as in the reference; the
+    BasicBlockD blocks use the plan's ``conv_bias`` and dropout.
+    """
+    if int(n_blocks) < 1:
+        raise ValueError(f"A residual stage needs at least one block; got n_blocks={n_blocks}. Check the plan's "
+                         f"n_conv_per_stage / n_blocks_per_stage / n_conv_per_stage_decoder entries.")
+    kernel_size = _per_axis(conv_op, kernel_size)
+    first = BasicResBlock(conv_op, input_channels, output_channels, kernel_size, stride, use_1x1conv,
+                          norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
+    rest = [BasicBlockD(conv_op, output_channels, output_channels, kernel_size, 1, conv_bias, norm_op,
+                        dict(norm_op_kwargs or {}), dropout_op, dropout_op_kwargs, nonlin, dict(nonlin_kwargs or {}))
+            for _ in range(int(n_blocks) - 1)]
+    return nn.Sequential(first, *rest)
+
+
+class UpsampleLayer(nn.Module):
+    """Interpolate by an integer factor per axis, then a biased 1x1 conv (input -> output channels)."""
+
+    def __init__(self, conv_op: Type[nn.Module], input_channels: int, output_channels: int,
+                 scale_factor: IntOrSeq, mode: str = "nearest"):
+        super().__init__()
+        self.scale_factor = tuple(float(s) for s in _per_axis(conv_op, scale_factor))
+        self.mode = mode
+        self.conv = conv_op(input_channels, output_channels, kernel_size=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the upsampled map (B, output_channels, *S * scale)."""
+        x = F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode)
+        return self.conv(x)
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}"
+
+
+def init_he(module: nn.Module, neg_slope: float = 1e-2) -> nn.Module:
+    """Return ``module`` after nnU-Net's He init (Kaiming-normal conv weights, zero conv biases)."""
+    module.apply(InitWeights_He(neg_slope))
+    return module
