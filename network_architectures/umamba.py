@@ -1,0 +1,457 @@
+"""U-Mamba (Ma et al.): U-Mamba-Enc and U-Mamba-Bot, 2D and 3D, built from nnU-Net plans (spec §1).
+
+Networks
+--------
+- ``UMambaEnc``: residual encoder with a ``UMambaLayer`` after every stage (3D) or after alternating stages
+  (2D), residual decoder with interpolation upsampling and 1x1 seg heads (deep supervision).
+- ``UMambaBot``: the same encoder without mixers, one patch-token ``UMambaLayer`` on the bottleneck.
+- ``build_umamba_enc(plan, deep_supervision)`` / ``build_umamba_bot(...)``: the networks exactly as the
+  trainers build them from a ``nnunetv2_mamba.plans.NetworkPlan`` (He init included).
+
+Reusable backbone API (used by other families, e.g. LoG-VMamba)
+----------------------------------------------------------------
+- ``umamba_block_counts(n_blocks_per_stage, n_conv_per_stage_decoder) -> (encoder_counts, decoder_counts)``:
+  U-Mamba's block-count override on new lists (the arguments are never modified); the number of stages is
+  ``len(n_blocks_per_stage)``; decoder index 0 is the lowest-resolution decoder stage.
+- ``stage_feature_map_sizes(input_size, strides)``: map size of every stage, ``input_size // cumprod(strides)``.
+- ``UMambaEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+  n_blocks_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
+  input_size, mixer_factory=None, stem_pool=None, return_skips=True)``:
+  ``stem`` (BasicResBlock + BasicBlockD at the input resolution), optional ``stem_pool`` module applied after the
+  stem, then ``stages[s]`` (``residual_stage``: BasicResBlock with the stage stride + BasicBlockD blocks) each
+  followed by ``mamba_layers[s] = mixer_factory(s, features_per_stage[s], feature_map_size_s)``, a module on
+  (B, C, *S) maps (``nn.Identity()`` for none). ``input_size`` is the spatial size of the tensor entering
+  stage 0 (after ``stem_pool``), used only to tell the factory each stage's map size. Without a factory the
+  encoder has no ``mamba_layers`` attribute. ``forward(x)`` returns the skips (highest resolution first);
+  ``forward_with_stem(x)`` returns ``(skips, stem_output)``.
+- ``UMambaDecoder(encoder, num_classes, n_conv_per_stage, deep_supervision, upsample_mode="nearest",
+  use_full_resolution_skip=True)``: ``upsample_layers[j]`` (UpsampleLayer), ``stages[j]`` (residual_stage on the
+  concatenated [up, skip]), ``seg_layers[j]`` (1x1 conv), j = 0 at the lowest resolution.
+- ``UMambaLayer(dim, d_state=16, d_conv=4, expand=2, channel_token=False, backend=None)``: LayerNorm + Mamba on
+  patch tokens (d = C) or channel tokens (d = prod(S)), always in fp32 (autocast off).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nnunetv2_mamba.layers import Mamba, run_on_map
+from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, residual_stage
+from nnunetv2_mamba.plans import NetworkPlan, PlanError
+
+logger = logging.getLogger(__name__)
+
+#: mixer_factory(stage_index, channels, feature_map_size) -> module on (B, C, *S) maps.
+MixerFactory = Callable[[int, int, Tuple[int, ...]], nn.Module]
+
+__all__ = ["UMambaLayer", "UMambaEncoder", "UMambaDecoder", "UMambaEnc", "UMambaBot", "umamba_block_counts",
+           "stage_feature_map_sizes", "umamba_channel_token_stages", "umamba_2d_mixer_stages",
+           "umamba_enc_mixer_factory", "build_umamba_enc", "build_umamba_bot"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules of the reference, as small public functions
+# ----------------------------------------------------------------------------------------------------------
+
+def umamba_block_counts(n_blocks_per_stage: Sequence[int],
+                        n_conv_per_stage_decoder: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """Return new (encoder, decoder) block-count lists with U-Mamba's override (one block in the deeper half).
+
+    With n = len(n_blocks_per_stage): encoder stages s >= ceil(n/2) get 1 block; decoder stages j with
+    ceil((n-1)/2 + 0.5) <= j <= n-2 get 1 block (j = 0 is the lowest-resolution decoder stage, so the
+    highest-resolution decoder stages are the ones shortened). The inputs are not modified.
+    """
+    encoder_counts = [int(v) for v in n_blocks_per_stage]
+    decoder_counts = [int(v) for v in n_conv_per_stage_decoder]
+    n_stages = len(encoder_counts)
+    if len(decoder_counts) != n_stages - 1:
+        raise ValueError(f"n_conv_per_stage_decoder has {len(decoder_counts)} entries; with {n_stages} encoder "
+                         f"stages it needs {n_stages - 1}.")
+    for s in range(math.ceil(n_stages / 2), n_stages):
+        encoder_counts[s] = 1
+    for j in range(math.ceil((n_stages - 1) / 2 + 0.5), n_stages - 1):
+        decoder_counts[j] = 1
+    return encoder_counts, decoder_counts
+
+
+def stage_feature_map_sizes(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
+    """Return the spatial size after every stage: input_size // cumulative stride (per axis, floor)."""
+    sizes, current = [], [int(v) for v in input_size]
+    for stride in strides:
+        current = [c // int(s) for c, s in zip(current, stride)]
+        sizes.append(tuple(current))
+    return sizes
+
+
+def umamba_channel_token_stages(features_per_stage: Sequence[int],
+                                feature_map_sizes: Sequence[Sequence[int]]) -> List[bool]:
+    """Return per stage whether U-Mamba-Enc uses channel tokens: prod(map size) <= channels."""
+    return [int(np.prod(size)) <= int(channels) for channels, size in zip(features_per_stage, feature_map_sizes)]
+
+
+def umamba_2d_mixer_stages(n_stages: int) -> List[bool]:
+    """Return per stage whether 2D U-Mamba-Enc has a mixer: (s odd) XOR (n odd), always incl. the last stage."""
+    return [(s % 2 == 1) != (n_stages % 2 == 1) for s in range(n_stages)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixer
+# ----------------------------------------------------------------------------------------------------------
+
+class UMambaLayer(nn.Module):
+    """LayerNorm + forward Mamba on a (B, C, *S) map; the output replaces the features (no residual).
+
+    Patch-token mode: tokens are spatial positions (C order), d_model = C. Channel-token mode: tokens are the
+    C channels and each token is the channel's flattened map, d_model = prod(S) (tied to the patch size).
+    The whole layer runs in fp32 with autocast off, because Mamba overflows under fp16 (spec §0.6, §6.4).
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, channel_token: bool = False,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.dim = int(dim)  # a Python int even when computed with numpy (channel tokens)
+        self.channel_token = bool(channel_token)
+        self.norm = nn.LayerNorm(self.dim)
+        self.mamba = Mamba(d_model=self.dim, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
+
+    def _mix_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return Mamba(LayerNorm(tokens)) for tokens (B, L, dim)."""
+        return self.mamba(self.norm(tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the mixed map, same shape as ``x``, in fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            if not self.channel_token:
+                return run_on_map(self._mix_tokens, x)
+            batch, channels, *spatial = x.shape
+            n_positions = int(np.prod(spatial))
+            if n_positions != self.dim:
+                raise ValueError(f"This channel-token U-Mamba layer was built for feature maps of {self.dim} "
+                                 f"positions (set by the configuration's patch size); got a map of size "
+                                 f"{list(spatial)}. Feed patches of the configuration's patch size (nnU-Net's "
+                                 f"predictor does).")
+            # Channels are the tokens: (B, C, *S) -> (B, C, prod(S)) is already (B, L=C, d=prod(S)).
+            mixed = self._mix_tokens(x.reshape(batch, channels, n_positions))
+            return mixed.reshape(batch, channels, *spatial)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, channel_token={self.channel_token}"
+
+
+def umamba_enc_mixer_factory(dim: int, n_stages: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                             backend: Optional[str] = None) -> MixerFactory:
+    """Return U-Mamba-Enc's mixer factory: a UMambaLayer per stage (2D: alternating), channel-token rule applied."""
+    has_mixer = umamba_2d_mixer_stages(n_stages) if dim == 2 else [True] * n_stages
+
+    def make_mixer(stage: int, channels: int, feature_map_size: Tuple[int, ...]) -> nn.Module:
+        if not has_mixer[stage]:
+            return nn.Identity()
+        n_positions = int(np.prod(feature_map_size))
+        if n_positions <= channels:
+            return UMambaLayer(n_positions, d_state, d_conv, expand, channel_token=True, backend=backend)
+        return UMambaLayer(channels, d_state, d_conv, expand, channel_token=False, backend=backend)
+
+    return make_mixer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder / decoder
+# ----------------------------------------------------------------------------------------------------------
+
+class UMambaEncoder(nn.Module):
+    """Residual encoder: stem, then per stage a strided residual stage followed by an injectable mixer."""
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
+                 conv_op: Type[nn.Module], kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
+                 n_blocks_per_stage: Sequence[int], conv_bias: bool = True,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
+                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
+                 input_size: Optional[Sequence[int]] = None, mixer_factory: Optional[MixerFactory] = None,
+                 stem_pool: Optional[nn.Module] = None, return_skips: bool = True):
+        super().__init__()
+        n_stages = int(n_stages)
+        for name, values in (("features_per_stage", features_per_stage), ("kernel_sizes", kernel_sizes),
+                             ("strides", strides), ("n_blocks_per_stage", n_blocks_per_stage)):
+            if len(values) != n_stages:
+                raise ValueError(f"{name} has {len(values)} entries; n_stages is {n_stages}.")
+        # Private copies: plan lists are never kept or modified (nnU-Net caches configurations).
+        self.output_channels = [int(c) for c in features_per_stage]
+        self.kernel_sizes = [[int(k) for k in kernel] for kernel in kernel_sizes]
+        self.strides = [[int(s) for s in stride] for stride in strides]
+        self.conv_op = conv_op
+        self.conv_bias = conv_bias
+        self.norm_op, self.norm_op_kwargs = norm_op, dict(norm_op_kwargs or {})
+        self.dropout_op, self.dropout_op_kwargs = dropout_op, (dict(dropout_op_kwargs) if dropout_op_kwargs else None)
+        self.nonlin, self.nonlin_kwargs = nonlin, dict(nonlin_kwargs or {})
+        self.return_skips = return_skips
+        stage_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=self.norm_op_kwargs,
+                            dropout_op=dropout_op, dropout_op_kwargs=self.dropout_op_kwargs, nonlin=nonlin,
+                            nonlin_kwargs=self.nonlin_kwargs)
+
+        self.stem = residual_stage(conv_op, input_channels, self.output_channels[0], self.kernel_sizes[0], 1,
+                                   n_blocks_per_stage[0], **stage_kwargs)
+        self.stem_pool = stem_pool
+        stages, previous = [], self.output_channels[0]
+        for s in range(n_stages):
+            stages.append(residual_stage(conv_op, previous, self.output_channels[s], self.kernel_sizes[s],
+                                         self.strides[s], n_blocks_per_stage[s], **stage_kwargs))
+            previous = self.output_channels[s]
+        self.stages = nn.ModuleList(stages)
+
+        self.input_size = None if input_size is None else tuple(int(v) for v in input_size)
+        self.feature_map_sizes = None
+        if self.input_size is not None:
+            _check_divisible(self.input_size, self.strides)
+            self.feature_map_sizes = stage_feature_map_sizes(self.input_size, self.strides)
+        if mixer_factory is not None:
+            if self.feature_map_sizes is None:
+                raise ValueError("UMambaEncoder needs input_size (the spatial size entering stage 0) when a "
+                                 "mixer_factory is given: mixers are sized from each stage's feature map.")
+            self.mamba_layers = nn.ModuleList(
+                [mixer_factory(s, self.output_channels[s], self.feature_map_sizes[s]) for s in range(n_stages)])
+
+    def forward_with_stem(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Return (per-stage outputs highest resolution first, stem output before ``stem_pool``)."""
+        stem_output = self.stem(x)
+        x = stem_output if self.stem_pool is None else self.stem_pool(stem_output)
+        mixers = getattr(self, "mamba_layers", None)
+        skips = []
+        for s, stage in enumerate(self.stages):
+            x = stage(x)
+            if mixers is not None:
+                x = mixers[s](x)
+            skips.append(x)
+        return skips, stem_output
+
+    def forward(self, x: torch.Tensor):
+        """Return the per-stage outputs (highest resolution first), or only the last if not return_skips."""
+        skips, _ = self.forward_with_stem(x)
+        return skips if self.return_skips else skips[-1]
+
+
+class UMambaDecoder(nn.Module):
+    """Residual decoder: interpolation upsampling, concatenated skips, residual stages, 1x1 seg heads.
+
+    ``seg_layers`` exist for every decoder stage whether or not deep supervision is on, so state_dict keys do
+    not depend on it. The encoder is registered as ``decoder.encoder`` (nnU-Net and reference convention:
+    checkpoint keys match the reference; parameters are shared, so counts de-duplicate).
+    """
+
+    def __init__(self, encoder: UMambaEncoder, num_classes: int, n_conv_per_stage: Sequence[int],
+                 deep_supervision: bool, upsample_mode: str = "nearest", use_full_resolution_skip: bool = True):
+        super().__init__()
+        n_stages = len(encoder.output_channels)
+        if len(n_conv_per_stage) != n_stages - 1:
+            raise ValueError(f"n_conv_per_stage (decoder) has {len(n_conv_per_stage)} entries; with {n_stages} "
+                             f"encoder stages it needs {n_stages - 1}.")
+        self.encoder = encoder
+        self.num_classes = int(num_classes)
+        self.deep_supervision = deep_supervision
+        self.use_full_resolution_skip = use_full_resolution_skip
+        features = encoder.output_channels
+        stage_kwargs = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op,
+                            norm_op_kwargs=encoder.norm_op_kwargs, dropout_op=encoder.dropout_op,
+                            dropout_op_kwargs=encoder.dropout_op_kwargs, nonlin=encoder.nonlin,
+                            nonlin_kwargs=encoder.nonlin_kwargs)
+        upsample_layers, stages, seg_layers = [], [], []
+        for j in range(n_stages - 1):
+            below, skip = n_stages - 1 - j, n_stages - 2 - j
+            upsample_layers.append(UpsampleLayer(encoder.conv_op, features[below], features[skip],
+                                                 encoder.strides[below], upsample_mode))
+            # The 2D reference does not concatenate the full-resolution skip in its last decoder stage.
+            concatenates = use_full_resolution_skip or j < n_stages - 2
+            stage_input = 2 * features[skip] if concatenates else features[skip]
+            stages.append(residual_stage(encoder.conv_op, stage_input, features[skip], encoder.kernel_sizes[skip],
+                                         1, n_conv_per_stage[j], **stage_kwargs))
+            seg_layers.append(encoder.conv_op(features[skip], num_classes, kernel_size=1, bias=True))
+        self.upsample_layers = nn.ModuleList(upsample_layers)
+        self.stages = nn.ModuleList(stages)
+        self.seg_layers = nn.ModuleList(seg_layers)
+
+    def forward(self, skips: Sequence[torch.Tensor]):
+        """Return full-resolution logits, or (deep supervision) a list of logits highest resolution first."""
+        x = skips[-1]
+        n_decoder_stages = len(self.stages)
+        seg_outputs = []
+        for j in range(n_decoder_stages):
+            x = self.upsample_layers[j](x)
+            if self.use_full_resolution_skip or j < n_decoder_stages - 1:
+                x = torch.cat((x, skips[-(j + 2)]), dim=1)
+            x = self.stages[j](x)
+            if self.deep_supervision:
+                seg_outputs.append(self.seg_layers[j](x))
+            elif j == n_decoder_stages - 1:
+                seg_outputs.append(self.seg_layers[-1](x))
+        seg_outputs = seg_outputs[::-1]
+        return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+
+def _check_divisible(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> None:
+    """Raise ValueError if the input size is not divisible by the cumulative stride of every stage."""
+    cumulative = [1] * len(input_size)
+    for s, stride in enumerate(strides):
+        if len(stride) != len(input_size):
+            raise ValueError(f"strides[{s}]={list(stride)} has {len(stride)} axes; the input size "
+                             f"{list(input_size)} has {len(input_size)}.")
+        cumulative = [c * int(v) for c, v in zip(cumulative, stride)]
+        if any(size % c for size, c in zip(input_size, cumulative)):
+            raise ValueError(f"Input size {list(input_size)} is not divisible by the cumulative stride "
+                             f"{cumulative} of stage {s}; use a patch size that is a multiple of {cumulative}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_dims(conv_op: Type[nn.Module], input_size: Sequence[int], kernel_sizes, strides) -> int:
+    """Return the spatial dimension (2 or 3) after checking that conv op, patch, kernels and strides agree."""
+    dims = {nn.Conv2d: 2, nn.Conv3d: 3}
+    if conv_op not in dims:
+        raise ValueError(f"conv_op {conv_op} is not supported; U-Mamba needs nn.Conv2d or nn.Conv3d.")
+    dim = dims[conv_op]
+    if len(input_size) != dim:
+        raise ValueError(f"Patch size {list(input_size)} has {len(input_size)} axes but conv_op is "
+                         f"{conv_op.__name__}; use a {dim}D patch size.")
+    for name, values in (("kernel_sizes", kernel_sizes), ("strides", strides)):
+        for s, value in enumerate(values):
+            if len(value) != dim:
+                raise ValueError(f"{name}[{s}]={list(value)} has {len(value)} axes; the network is {dim}D.")
+    return dim
+
+
+def _as_per_axis(values: Sequence, n_stages: int, dim: int) -> List[List[int]]:
+    """Return per-stage per-axis int lists (ints in the plan are expanded to every axis)."""
+    if isinstance(values, (int, np.integer)):
+        values = [values] * n_stages
+    return [[int(v)] * dim if isinstance(v, (int, np.integer)) else [int(a) for a in v] for v in values]
+
+
+def _as_per_stage(values, count: int) -> List[int]:
+    """Return a per-stage int list (an int in the plan applies to every stage)."""
+    return [int(values)] * count if isinstance(values, (int, np.integer)) else [int(v) for v in values]
+
+
+class _UMambaBase(nn.Module):
+    """Argument handling shared by U-Mamba-Enc and U-Mamba-Bot (override rule, dims, copies)."""
+
+    def _prepare(self, input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_blocks_per_stage, n_conv_per_stage_decoder, input_size):
+        """Return (dim, kernels, strides, encoder counts, decoder counts) as new lists, after checks."""
+        n_stages = int(n_stages)
+        if n_stages < 2:
+            raise ValueError(f"U-Mamba needs at least 2 stages (one decoder stage); got n_stages={n_stages}.")
+        dim = len(input_size)
+        kernels = _as_per_axis(kernel_sizes, n_stages, dim)
+        strides = _as_per_axis(strides, n_stages, dim)
+        _check_dims(conv_op, input_size, kernels, strides)
+        if len(features_per_stage) != n_stages:
+            raise ValueError(f"features_per_stage has {len(features_per_stage)} entries; n_stages is {n_stages}.")
+        encoder_counts, decoder_counts = umamba_block_counts(_as_per_stage(n_blocks_per_stage, n_stages),
+                                                             _as_per_stage(n_conv_per_stage_decoder, n_stages - 1))
+        return dim, kernels, strides, encoder_counts, decoder_counts
+
+
+class UMambaEnc(_UMambaBase):
+    """U-Mamba-Enc: a UMambaLayer after every encoder stage (2D: alternating stages, skip-less last decoder)."""
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
+                 conv_op: Type[nn.Module], kernel_sizes, strides, n_blocks_per_stage, num_classes: int,
+                 n_conv_per_stage_decoder, input_size: Sequence[int], conv_bias: bool = True,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
+                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
+                 deep_supervision: bool = False, d_state: int = 16, backend: Optional[str] = None):
+        super().__init__()
+        input_size = tuple(int(v) for v in input_size)
+        dim, kernels, strides, encoder_counts, decoder_counts = self._prepare(
+            input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
+            n_conv_per_stage_decoder, input_size)
+        self.encoder = UMambaEncoder(
+            input_channels, n_stages, features_per_stage, conv_op, kernels, strides, encoder_counts, conv_bias,
+            norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, input_size=input_size,
+            mixer_factory=umamba_enc_mixer_factory(dim, int(n_stages), d_state=d_state, backend=backend))
+        self.decoder = UMambaDecoder(self.encoder, num_classes, decoder_counts, deep_supervision,
+                                     use_full_resolution_skip=(dim == 3))
+
+    def forward(self, x: torch.Tensor):
+        """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
+        return self.decoder(self.encoder(x))
+
+
+class UMambaBot(_UMambaBase):
+    """U-Mamba-Bot: residual U-Net with one patch-token UMambaLayer on the bottleneck (no residual)."""
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
+                 conv_op: Type[nn.Module], kernel_sizes, strides, n_blocks_per_stage, num_classes: int,
+                 n_conv_per_stage_decoder, input_size: Sequence[int], conv_bias: bool = True,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
+                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
+                 deep_supervision: bool = False, d_state: int = 16, backend: Optional[str] = None):
+        super().__init__()
+        input_size = tuple(int(v) for v in input_size)
+        dim, kernels, strides, encoder_counts, decoder_counts = self._prepare(
+            input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
+            n_conv_per_stage_decoder, input_size)
+        self.encoder = UMambaEncoder(
+            input_channels, n_stages, features_per_stage, conv_op, kernels, strides, encoder_counts, conv_bias,
+            norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, input_size=input_size)
+        self.decoder = UMambaDecoder(self.encoder, num_classes, decoder_counts, deep_supervision,
+                                     use_full_resolution_skip=(dim == 3))
+        # Always patch tokens, even when the bottleneck has fewer positions than channels (as the reference).
+        self.mamba_layer = UMambaLayer(int(features_per_stage[-1]), d_state=d_state, channel_token=False,
+                                       backend=backend)
+
+    def forward(self, x: torch.Tensor):
+        """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
+        skips = self.encoder(x)
+        skips[-1] = self.mamba_layer(skips[-1])
+        return self.decoder(skips)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Builders from a NetworkPlan (what the trainers and benchmarks call)
+# ----------------------------------------------------------------------------------------------------------
+
+def _network_from_plan(network_class, plan: NetworkPlan, deep_supervision: bool, backend: Optional[str]):
+    """Return ``network_class`` built from the plan's plain arguments, He-initialised."""
+    if plan.n_stages < 2:
+        raise PlanError(f"U-Mamba needs a plan with at least 2 stages; this plan has n_stages={plan.n_stages}. "
+                        f"Use a larger patch size so that nnU-Net plans more stages.")
+    try:
+        network = network_class(
+            input_channels=plan.input_channels, n_stages=plan.n_stages,
+            features_per_stage=list(plan.features_per_stage), conv_op=plan.conv_op,
+            kernel_sizes=[list(k) for k in plan.kernel_sizes], strides=[list(s) for s in plan.strides],
+            n_blocks_per_stage=list(plan.n_blocks_per_stage), num_classes=plan.num_classes,
+            n_conv_per_stage_decoder=list(plan.n_conv_per_stage_decoder), input_size=plan.patch_size,
+            conv_bias=plan.conv_bias, norm_op=plan.norm_op, norm_op_kwargs=dict(plan.norm_op_kwargs),
+            dropout_op=plan.dropout_op,
+            dropout_op_kwargs=None if plan.dropout_op_kwargs is None else dict(plan.dropout_op_kwargs),
+            nonlin=plan.nonlin, nonlin_kwargs=dict(plan.nonlin_kwargs), deep_supervision=deep_supervision,
+            backend=backend)
+    except ValueError as error:
+        if isinstance(error, PlanError):
+            raise
+        raise PlanError(f"Cannot build {network_class.__name__} from this plan: {error}") from error
+    init_he(network)
+    logger.debug("Built %s for patch %s with %d stages.", network_class.__name__, plan.patch_size, plan.n_stages)
+    return network
+
+
+def build_umamba_enc(plan: NetworkPlan, deep_supervision: bool, backend: Optional[str] = None) -> UMambaEnc:
+    """Return U-Mamba-Enc for the plan, He-initialised, exactly as nnUNetTrainerUMambaEnc builds it."""
+    return _network_from_plan(UMambaEnc, plan, deep_supervision, backend)
+
+
+def build_umamba_bot(plan: NetworkPlan, deep_supervision: bool, backend: Optional[str] = None) -> UMambaBot:
+    """Return U-Mamba-Bot for the plan, He-initialised, exactly as nnUNetTrainerUMambaBot builds it."""
+    return _network_from_plan(UMambaBot, plan, deep_supervision, backend)
