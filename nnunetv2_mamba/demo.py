@@ -91,6 +91,7 @@ def run_demo(workdir: os.PathLike, trainer_name: str = DEFAULT_TRAINER, configur
 
     started = time.perf_counter()
     dataset_json = load_json(str(preprocessed / "dataset.json"))
+    plans["continue_training"] = False  # nnU-Net 2.8's run_training sets this key; the trainer pops it
     trainer = trainer_class(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json,
                             device=torch_device)
     trainer.num_epochs = epochs
