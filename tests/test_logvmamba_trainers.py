@@ -1,0 +1,126 @@
+"""LoG-VMamba trainers: network building through nnU-Net's entry point, discovery, and the paper recipe."""
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_mamba.network_architectures.logvmamba import LoGVMamba
+from nnunetv2_mamba.plans import PlanError
+from nnunetv2_mamba.trainers.base import NoAMPMixin
+from nnunetv2_mamba.trainers.logvmamba import (StepDecayEpochLR, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMamba,
+                                               nnUNetTrainerLoGVMambaPaperRecipe, nnUNetTrainerLVMamba)
+from tests.test_logvmamba import PLANS
+
+TRAINERS = [nnUNetTrainerLoGVMamba, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMambaPaperRecipe]
+
+
+def configuration_manager(plan_name):
+    """Return a duck-typed nnU-Net ConfigurationManager for one of the test plans (as plans.json stores it)."""
+    arch, patch = PLANS[plan_name]
+    return SimpleNamespace(network_arch_init_kwargs=copy.deepcopy(arch), patch_size=list(patch),
+                           network_arch_init_kwargs_req_import=("conv_op", "norm_op", "dropout_op", "nonlin"))
+
+
+@pytest.mark.parametrize("trainer", TRAINERS, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("plan_name", ["2d_4stages", "3d_aniso_5stages"])
+def test_build_network_architecture(trainer, plan_name):
+    manager = configuration_manager(plan_name)
+    kept = copy.deepcopy(manager.network_arch_init_kwargs)
+    network = trainer.build_network_architecture(None, manager, 2, 3, enable_deep_supervision=False)
+    assert isinstance(network, LoGVMamba)
+    assert network.decoder.deep_supervision is False
+    assert manager.network_arch_init_kwargs == kept
+    expected_variant = {"nnUNetTrainerLVMamba": "L", "nnUNetTrainerGVMamba": "G"}.get(trainer.__name__, "LoG")
+    assert network.variant == expected_variant
+    roles = {spec.role for spec in network.topology.stages}
+    assert roles == ({"L", "LoG", "G"} if expected_variant == "LoG" else {expected_variant})
+
+
+def test_predictor_style_call_and_clear_error_for_too_few_stages():
+    manager = configuration_manager("3d_4stages")
+    network = nnUNetTrainerLoGVMamba.build_network_architecture(None, manager, 1, 2, False)
+    with torch.no_grad():
+        out = network.eval()(torch.randn(1, 1, *manager.patch_size))
+    assert out.shape == (1, 2, *manager.patch_size)
+    manager.network_arch_init_kwargs.update(n_stages=2, features_per_stage=[16, 16], strides=[[1, 1, 1], [2, 2, 2]],
+                                            kernel_sizes=[[3, 3, 3]] * 2, n_conv_per_stage=[1, 1],
+                                            n_conv_per_stage_decoder=[1])
+    with pytest.raises(PlanError, match="n_stages=2"):
+        nnUNetTrainerLoGVMamba.build_network_architecture(None, manager, 1, 2, False)
+
+
+def test_trainers_are_discovered_and_concrete():
+    from nnunetv2_mamba.trainers.discovery import concrete_trainers
+    found = dict(concrete_trainers())
+    for trainer in TRAINERS:
+        assert found.get(trainer.__name__) is trainer
+        assert trainer._do_i_compile(object.__new__(trainer)) is False
+    assert issubclass(nnUNetTrainerLoGVMambaPaperRecipe, NoAMPMixin)
+
+
+def test_step_decay_schedule_is_a_function_of_the_epoch():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-4)
+    scheduler = StepDecayEpochLR(optimizer, 1e-4, milestone=140, gamma=0.1)
+    rates = {}
+    for epoch in (0, 139, 140, 199, 5):  # resuming / stepping out of order gives the same value
+        scheduler.step(epoch)
+        rates[epoch] = optimizer.param_groups[0]["lr"]
+    assert rates[0] == rates[139] == rates[5] == pytest.approx(1e-4)
+    assert rates[140] == rates[199] == pytest.approx(1e-5)
+    assert scheduler.get_last_lr() == [pytest.approx(1e-4)]
+
+
+def paper_recipe_trainer(num_epochs=200):
+    """Return a PaperRecipe trainer object with just the attributes its recipe methods use (no nnU-Net set-up)."""
+    trainer = object.__new__(nnUNetTrainerLoGVMambaPaperRecipe)
+    trainer.network = nnUNetTrainerLoGVMambaPaperRecipe.build_network_architecture(
+        None, configuration_manager("3d_4stages"), 2, 3, False)
+    trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = 1e-4, 1e-4, num_epochs
+    trainer.device = torch.device("cpu")
+    return trainer
+
+
+def test_paper_recipe_optimizer_and_milestone():
+    trainer = paper_recipe_trainer()
+    assert nnUNetTrainerLoGVMambaPaperRecipe.reference_num_epochs == 200
+    optimizer, scheduler = trainer.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 1e-4 and optimizer.defaults["weight_decay"] == 1e-4
+    assert not optimizer.defaults.get("decoupled_weight_decay", False)  # L2 as the reference, not AdamW
+    assert trainer.lr_decay_milestone() == 140
+    scheduler.step(139)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    scheduler.step(140)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_paper_recipe_train_step_is_fp32_and_clips_at_25(monkeypatch):
+    trainer = paper_recipe_trainer()
+    trainer.optimizer, _ = trainer.configure_optimizers()
+    seen = {}
+
+    def loss(output, target):
+        seen["output_dtype"] = output.dtype
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return torch.nn.functional.cross_entropy(output, target[:, 0].long())
+
+    trainer.loss = loss
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        seen["max_norm"] = max_norm
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    before = [p.detach().clone() for p in trainer.network.parameters() if p.requires_grad]
+    batch = {"data": torch.randn(1, 2, 16, 16, 16).bfloat16(),
+             "target": torch.randint(0, 3, (1, 1, 16, 16, 16)).float()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the step must switch autocast off itself
+        result = trainer.train_step(batch)
+    assert np.isfinite(result["loss"])
+    assert seen == {"output_dtype": torch.float32, "autocast": False, "max_norm": 25.0}
+    after = [p for p in trainer.network.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
