@@ -1,0 +1,1 @@
+"""Evaluation helpers (video segmentation metrics)."""
