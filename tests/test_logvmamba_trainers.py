@@ -124,3 +124,92 @@ def test_paper_recipe_train_step_is_fp32_and_clips_at_25(monkeypatch):
     assert seen == {"output_dtype": torch.float32, "autocast": False, "max_norm": 25.0}
     after = [p for p in trainer.network.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real nnU-Net trainers (constructor, initialize, train/validation steps) on in-memory plans
+# ------------------------------------------------------------------------------------------------------------
+
+DATASET_NAME = "Dataset986_LoGVMambaTrainerTest"
+DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 4,
+                "file_ending": ".nii.gz"}
+
+
+def make_plans(plan="3d_4stages", configuration="3d_fullres"):
+    """Return a plans dict (as nnU-Net 2.8 writes plans.json) whose configuration holds a test plan.
+
+    ``plan`` is a name of tests.test_logvmamba.PLANS or an (arch_kwargs, patch_size) pair.
+    """
+    arch, patch = PLANS[plan] if isinstance(plan, str) else plan
+    dim = len(patch)
+    return {
+        "dataset_name": DATASET_NAME, "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "original_median_shape_after_transp": [32, 32, 32],
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {configuration: {
+            "data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": 2, "patch_size": list(patch), "median_image_size_in_voxels": [2 * p for p in patch],
+            "spacing": [1.0] * dim, "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+            "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                             "arch_kwargs": copy.deepcopy(arch),
+                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+            "batch_dice": False}},
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
+                  "percentile_99_5": 1.0, "std": 1.0}},
+    }
+
+
+def make_trainer(trainer_class, tmp_path, monkeypatch, plan="3d_4stages", configuration="3d_fullres",
+                 device="cpu"):
+    """Return an initialised nnU-Net trainer for the in-memory plans (nnU-Net folders under tmp_path)."""
+    for variable in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    # initialize() only looks at the preprocessed folder's file endings to pick the dataset class.
+    data_folder = tmp_path / "nnUNet_preprocessed" / DATASET_NAME / f"nnUNetPlans_{configuration}"
+    data_folder.mkdir(parents=True, exist_ok=True)
+    (data_folder / "case_000.b2nd").touch()
+    plans = make_plans(plan, configuration)
+    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training adds this key before constructing
+    trainer = trainer_class(plans, configuration, 0, copy.deepcopy(DATASET_JSON), torch.device(device))
+    trainer.initialize()
+    return trainer
+
+
+def make_batch(trainer, batch_size=2, seed=0):
+    """Return a training batch as nnU-Net's data loader makes it without deep supervision."""
+    generator = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    data = torch.randn(batch_size, trainer.num_input_channels, *patch, generator=generator)
+    target = torch.randint(0, 3, (batch_size, 1, *patch), generator=generator).float()
+    return {"data": data, "target": target}
+
+
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMambaPaperRecipe],
+                         ids=lambda cls: cls.__name__)
+def test_real_trainer_steps_without_deep_supervision(trainer_class, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    trainer = make_trainer(trainer_class, tmp_path, monkeypatch)
+    assert trainer.enable_deep_supervision is False
+    assert isinstance(trainer.network, LoGVMamba) and trainer.network.decoder.deep_supervision is False
+    assert type(trainer.loss).__name__ != "DeepSupervisionWrapper"
+    if trainer_class is nnUNetTrainerLoGVMambaPaperRecipe:
+        assert trainer.grad_scaler is None and trainer.num_epochs == 200
+        assert isinstance(trainer.optimizer, torch.optim.Adam)
+        assert trainer.lr_scheduler.milestone == 140
+    else:
+        assert isinstance(trainer.optimizer, torch.optim.SGD)  # nnU-Net's recipe
+    before = {name: p.detach().clone() for name, p in trainer.network.named_parameters()}
+    trainer.network.train()
+    result = trainer.train_step(make_batch(trainer))
+    assert np.isfinite(result["loss"])
+    changed = [name for name, p in trainer.network.named_parameters() if not torch.equal(p, before[name])]
+    assert any(".self_attention." in name for name in changed)
+    trainer.network.eval()
+    assert np.isfinite(trainer.validation_step(make_batch(trainer, seed=1))["loss"])
