@@ -91,7 +91,12 @@ def stage_feature_map_sizes(input_size: Sequence[int], strides: Sequence[Sequenc
 def umamba_channel_token_stages(features_per_stage: Sequence[int],
                                 feature_map_sizes: Sequence[Sequence[int]]) -> List[bool]:
     """Return per stage whether U-Mamba-Enc uses channel tokens: prod(map size) <= channels."""
-    return [int(np.prod(size)) <= int(channels) for channels, size in zip(features_per_stage, feature_map_sizes)]
+    return [_uses_channel_tokens(channels, size) for channels, size in zip(features_per_stage, feature_map_sizes)]
+
+
+def _uses_channel_tokens(channels: int, feature_map_size: Sequence[int]) -> bool:
+    """Return True when a stage map has no more positions than channels (the reference's rule, §1.2)."""
+    return int(np.prod(feature_map_size)) <= int(channels)
 
 
 def umamba_2d_mixer_stages(n_stages: int) -> List[bool]:
@@ -153,9 +158,8 @@ def umamba_enc_mixer_factory(dim: int, n_stages: int, d_state: int = 16, d_conv:
     def make_mixer(stage: int, channels: int, feature_map_size: Tuple[int, ...]) -> nn.Module:
         if not has_mixer[stage]:
             return nn.Identity()
-        n_positions = int(np.prod(feature_map_size))
-        if n_positions <= channels:
-            return UMambaLayer(n_positions, d_state, d_conv, expand, channel_token=True, backend=backend)
+        if _uses_channel_tokens(channels, feature_map_size):
+            return UMambaLayer(int(np.prod(feature_map_size)), d_state, d_conv, expand, channel_token=True, backend=backend)
         return UMambaLayer(channels, d_state, d_conv, expand, channel_token=False, backend=backend)
 
     return make_mixer
@@ -342,8 +346,9 @@ def _as_per_stage(values, count: int) -> List[int]:
 class _UMambaBase(nn.Module):
     """Argument handling shared by U-Mamba-Enc and U-Mamba-Bot (override rule, dims, copies)."""
 
-    def _prepare(self, input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
-                 n_blocks_per_stage, n_conv_per_stage_decoder, input_size):
+    @staticmethod
+    def _prepare(n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
+                 n_conv_per_stage_decoder, input_size):
         """Return (dim, kernels, strides, encoder counts, decoder counts) as new lists, after checks."""
         n_stages = int(n_stages)
         if n_stages < 2:
@@ -372,7 +377,7 @@ class UMambaEnc(_UMambaBase):
         super().__init__()
         input_size = tuple(int(v) for v in input_size)
         dim, kernels, strides, encoder_counts, decoder_counts = self._prepare(
-            input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
+            n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
             n_conv_per_stage_decoder, input_size)
         self.encoder = UMambaEncoder(
             input_channels, n_stages, features_per_stage, conv_op, kernels, strides, encoder_counts, conv_bias,
@@ -399,7 +404,7 @@ class UMambaBot(_UMambaBase):
         super().__init__()
         input_size = tuple(int(v) for v in input_size)
         dim, kernels, strides, encoder_counts, decoder_counts = self._prepare(
-            input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
+            n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
             n_conv_per_stage_decoder, input_size)
         self.encoder = UMambaEncoder(
             input_channels, n_stages, features_per_stage, conv_op, kernels, strides, encoder_counts, conv_bias,
