@@ -42,7 +42,7 @@ from nnunetv2_mamba.ssm import selective_scan
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ROLE_LOCAL", "ROLE_GLOBAL", "ROLE_LOCAL_GLOBAL", "VARIANTS", "GRID_TARGET", "LOCAL_SQUEEZE", "NEIGHBOURS",
+    "ROLE_LOCAL", "ROLE_GLOBAL", "ROLE_LOCAL_GLOBAL", "ROLE_VANILLA", "VARIANTS", "GRID_TARGET", "LOCAL_SQUEEZE", "NEIGHBOURS",
     "GRID_CONV_GEOMETRY", "EvenInterleave", "even_interleave", "global_grid_stride", "global_grid_conv_geometry",
     "global_grid_size", "LoGStageSpec", "make_stage_spec", "LoGVMambaTopology", "logvmamba_stage_specs", "logvmamba_topology",
     "DropPath", "NeighbourUnfold", "VSSScanMixer", "VanillaScanMixer", "LocalTokenMixer", "GlobalTokenMixer",
@@ -52,6 +52,7 @@ __all__ = [
 ROLE_LOCAL = "L"            # LTX only
 ROLE_GLOBAL = "G"           # GTX only
 ROLE_LOCAL_GLOBAL = "LoG"   # LTX sequence with GTX tokens computed from the unfolded tensor
+ROLE_VANILLA = "SS"         # neither extractor (SS3D / SS2D); not used by the trainers
 VARIANTS = ("LoG", "L", "G")
 
 #: Target GTX grid edge g per dimensionality (§3.4 rule 3): the grid stride t brings each axis near g.
@@ -197,14 +198,15 @@ def _largest_power_of_two_divisor(value: int, cap: int) -> int:
 
 def make_stage_spec(index: int, role: str, channels: int, map_size: Sequence[int], dim: int, squeeze: int = 1,
                     grid_stride: Optional[Sequence[int]] = None) -> LoGStageSpec:
-    """Return the spec of one mixer with a given role ("L", "LoG", "G") on a map of ``map_size``.
+    """Return the spec of one mixer with a given role ("L", "LoG", "G", "SS") on a map of ``map_size``.
 
     Dseq = C/sq * 3^D with LTX, else C; R = ceil(Dseq/16) (LTX's "d_model" is C/sq * 3^D, expand is 1). GTX
     roles get the grid stride t (default: the §3.4 rule), the grid, G = Dseq/q global tokens and the
     interleave (k, r); q is reduced to the largest power of two dividing Dseq.
     """
-    if role not in (ROLE_LOCAL, ROLE_GLOBAL, ROLE_LOCAL_GLOBAL):
-        raise ValueError(f"role must be one of {(ROLE_LOCAL, ROLE_LOCAL_GLOBAL, ROLE_GLOBAL)}; got {role!r}.")
+    roles = (ROLE_LOCAL, ROLE_LOCAL_GLOBAL, ROLE_GLOBAL, ROLE_VANILLA)
+    if role not in roles:
+        raise ValueError(f"role must be one of {roles}; got {role!r}.")
     map_size, channels = tuple(int(v) for v in map_size), int(channels)
     if len(map_size) != dim or dim not in GRID_TARGET:
         raise ValueError(f"map size {list(map_size)} does not fit a {dim}D LoG-VMamba (2D or 3D).")
@@ -544,11 +546,8 @@ class VanillaScanMixer(VSSScanMixer):
 
     def __init__(self, channels: int, map_size: Sequence[int], d_state: int = 16, d_conv: int = 3,
                  backend: Optional[str] = None):
-        dim = len(map_size)
-        spec = LoGStageSpec(index=0, map_size=tuple(int(v) for v in map_size), channels=int(channels), role="SS",
-                            scan_channels=int(channels), dt_rank=math.ceil(channels / 16),
-                            n_spatial=int(np.prod(map_size)))
-        super().__init__(spec, dim, d_state, d_conv, backend)
+        super().__init__(make_stage_spec(0, ROLE_VANILLA, channels, map_size, len(map_size)), len(map_size), d_state,
+                         d_conv, backend)
 
 
 class LocalTokenMixer(VSSScanMixer):
