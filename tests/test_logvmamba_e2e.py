@@ -9,8 +9,11 @@ from tests.e2e.helpers import run_nnunet_pipeline
 
 @pytest.mark.e2e
 def test_logvmamba_3d_fullres_plan_train_predict_evaluate(tmp_path):
-    # Default dataset id: shares the planned/preprocessed synthetic dataset with the U-Mamba e2e test.
-    result = run_nnunet_pipeline(tmp_path, "nnUNetTrainerLoGVMamba", configuration="3d_fullres", dim=3)
+    # 16^3 images, same dataset id and shape as the U-Mamba and Taming e2e tests: one planning run serves all.
+    result = run_nnunet_pipeline(tmp_path, "nnUNetTrainerLoGVMamba", configuration="3d_fullres", dim=3,
+                                 dataset_id=951, shape=(16, 16, 16))
+    plans = json.loads((result["results_dir"] / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["n_stages"] >= 3
     fold = result["results_dir"] / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainerLoGVMamba_tiny"
