@@ -199,3 +199,13 @@ def test_cli_video_convert_export_evaluate(tmp_path, capsys):
     # Bad input -> exit code 2 and a message, not a traceback.
     assert main(["video", "convert", str(tmp_path / "missing"), "-d", "26", "--raw-root", str(raw)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_gray_and_colour_frames_mixed_in_one_video(tmp_path):
+    source = _videos(tmp_path)
+    Image.new("L", (32, 32)).save(source / "frames" / "video00" / "0001.png")
+    with pytest.raises(VideoDataError, match=r"mixes gray and colour.*--grayscale"):
+        video_to_nnunet(source, tmp_path / "raw", 27)
+    dataset = video_to_nnunet(source, tmp_path / "raw", 27, grayscale=True)
+    assert read_nifti(dataset / "imagesTr" / "video00_0000.nii.gz")[0].shape == (3, 32, 32)
+    assert not (dataset / "imagesTr" / "video00_0001.nii.gz").exists()

@@ -291,7 +291,13 @@ def _convert_split(input_dir: Path, staging: Path, split: str, manifest: dict, g
     for video, source in videos.items():
         names, arrays, labels = _frames_of(source)
         height, width = _check_same_size(video, arrays, labels, "frames")
-        stacked = np.stack([to_channels(np.asarray(frame), grayscale) for frame in arrays], axis=1)  # (C, T, H, W)
+        per_frame = [to_channels(np.asarray(frame), grayscale) for frame in arrays]
+        for frame, label in zip(per_frame, labels):
+            if frame.shape[0] != per_frame[0].shape[0]:
+                raise VideoDataError(f"Video {video!r} mixes gray and colour frames: {labels[0]} has "
+                                     f"{per_frame[0].shape[0]} channel(s), {label} has {frame.shape[0]}; pass "
+                                     "--grayscale to convert every frame to one channel.")
+        stacked = np.stack(per_frame, axis=1)  # (C, T, H, W)
         if channels is None:
             channels = stacked.shape[0]
         elif stacked.shape[0] != channels:
