@@ -13,10 +13,10 @@ DATASET_ID = 961
 
 
 def _make_video_dataset(raw_root: Path, dataset_id: int) -> Path:
-    """Convert 5 training and 2 test generated videos (5 frames of 32x32) into an nnU-Net raw dataset."""
+    """Convert 5 training videos and 1 test video (5 frames of 32x32) into an nnU-Net raw dataset."""
     sources = raw_root.parent / "video_sources"
     make_synthetic_videos(sources / "train", n_videos=5, nframes=5, size=(32, 32), seed=0, prefix="train")
-    make_synthetic_videos(sources / "test", n_videos=2, nframes=5, size=(32, 32), seed=1, prefix="test")
+    make_synthetic_videos(sources / "test", n_videos=1, nframes=5, size=(32, 32), seed=1, prefix="test")
     return video_to_nnunet(sources / "train", raw_root, dataset_id, name="VivimVideos", test_dir=sources / "test")
 
 
@@ -33,11 +33,16 @@ def test_vivim_trains_predicts_and_exports_frames(tmp_path):
     assert 0.0 <= result["summary"]["foreground_mean"]["Dice"] <= 1.0
 
     frames = predictions_to_frames(result["predictions_dir"], result["dataset_dir"], tmp_path / "frames")
-    assert sorted(p.name for p in frames.iterdir()) == ["test00", "test01"]
+    assert sorted(p.name for p in frames.iterdir()) == ["test00"]
     assert len(list((frames / "test00").glob("*.png"))) == 5  # every frame of the clip is predicted
     evaluation = evaluate_video_predictions(frames, _test_masks(result["dataset_dir"]),
                                             output_dir=tmp_path / "metrics", inference_seconds=1.0)
-    assert evaluation.dataset["frames"] == 10
+    assert evaluation.dataset["frames"] == 5
+    # The exported masks are nnU-Net's prediction: per-frame counts add up to nnU-Net's own 3D counts.
+    (case,) = result["summary"]["metric_per_case"]
+    nnunet_counts = case["metrics"]["1"]
+    for count in ("tp", "fp", "fn"):
+        assert sum(row[count] for row in evaluation.frames) == nnunet_counts[count.upper()]
     assert all(0.0 <= evaluation.dataset[m] <= 1.0 for m in METRICS)
     assert (tmp_path / "metrics" / "video_metrics.csv").is_file()
 
