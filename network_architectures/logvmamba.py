@@ -374,6 +374,7 @@ class DropPath(nn.Module):
         return x * mask / keep
 
     def extra_repr(self) -> str:
+        """Return the drop probability for the module's repr."""
         return f"drop_prob={self.drop_prob}"
 
 
@@ -407,6 +408,7 @@ class NeighbourUnfold(nn.Module):
         return unfolded.reshape(batch, channels * self.neighbours, *spatial)
 
     def extra_repr(self) -> str:
+        """Return the dimension and kernel size for the module's repr."""
         return f"dim={self.dim}, kernel_size={self.kernel_size}"
 
 
@@ -536,6 +538,7 @@ class VSSScanMixer(nn.Module):
         return self.out_proj(y)
 
     def extra_repr(self) -> str:
+        """Return the stage geometry for the module's repr."""
         return (f"role={self.spec.role}, d_model={self.d_model}, scan_channels={self.scan_channels}, "
                 f"dt_rank={self.dt_rank}, d_state={self.d_state}, map_size={self.spec.map_size}, "
                 f"n_global={self.spec.n_global}, backend={self.backend or 'auto'}")
@@ -700,11 +703,7 @@ class LoGVMamba(nn.Module):
             [list(k) for k in topology.kernels], [list(s) for s in topology.strides], list(topology.encoder_blocks),
             input_size=topology.input_size, mixer_factory=make_mixer,
             stem_pool=_MAX_POOL_OPS[dim](kernel_size=topology.pool_stride, stride=topology.pool_stride),
-            **stage_kwargs)
-        # UMambaEncoder builds its stem with the first stage's kernel; LoG's stem uses the plan's K[0] (LoG stage 0
-        # uses K[1]), so the stem is rebuilt here (same place in the module order, same block count).
-        self.encoder.stem = residual_stage(conv_op, input_channels, topology.stem_features,
-                                           list(topology.stem_kernel), 1, topology.encoder_blocks[0], **stage_kwargs)
+            stem_kernel_size=list(topology.stem_kernel), **stage_kwargs)
         self.decoder = LoGVMambaDecoder(self.encoder, list(topology.decoder_blocks), deep_supervision,
                                         upsample_mode=_INTERPOLATION[dim])
         stem_features = topology.stem_features

@@ -16,8 +16,8 @@ Reusable backbone API (used by other families, e.g. LoG-VMamba)
 - ``stage_feature_map_sizes(input_size, strides)``: map size of every stage, ``input_size // cumprod(strides)``.
 - ``UMambaEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
   n_blocks_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
-  input_size, mixer_factory=None, stem_pool=None, return_skips=True)``:
-  ``stem`` (BasicResBlock + BasicBlockD at the input resolution), optional ``stem_pool`` module applied after the
+  input_size, mixer_factory=None, stem_pool=None, return_skips=True, stem_kernel_size=None)``:
+  ``stem`` (BasicResBlock + BasicBlockD at the input resolution, kernel ``stem_kernel_size`` or stage 0's), optional ``stem_pool`` module applied after the
   stem, then ``stages[s]`` (``residual_stage``: BasicResBlock with the stage stride + BasicBlockD blocks) each
   followed by ``mamba_layers[s] = mixer_factory(s, features_per_stage[s], feature_map_size_s)``, a module on
   (B, C, *S) maps (``nn.Identity()`` for none). ``input_size`` is the spatial size of the tensor entering
@@ -179,7 +179,8 @@ class UMambaEncoder(nn.Module):
                  dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
                  nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
                  input_size: Optional[Sequence[int]] = None, mixer_factory: Optional[MixerFactory] = None,
-                 stem_pool: Optional[nn.Module] = None, return_skips: bool = True):
+                 stem_pool: Optional[nn.Module] = None, return_skips: bool = True,
+                 stem_kernel_size: Optional[Sequence[int]] = None):
         super().__init__()
         n_stages = int(n_stages)
         for name, values in (("features_per_stage", features_per_stage), ("kernel_sizes", kernel_sizes),
@@ -200,7 +201,10 @@ class UMambaEncoder(nn.Module):
                             dropout_op=dropout_op, dropout_op_kwargs=self.dropout_op_kwargs, nonlin=nonlin,
                             nonlin_kwargs=self.nonlin_kwargs)
 
-        self.stem = residual_stage(conv_op, input_channels, self.output_channels[0], self.kernel_sizes[0], 1,
+        # The stem uses stage 0's kernel unless told otherwise (LoG-VMamba's stem takes the plan's K[0] while its
+        # first mixer stage takes K[1]).
+        stem_kernel = self.kernel_sizes[0] if stem_kernel_size is None else [int(k) for k in stem_kernel_size]
+        self.stem = residual_stage(conv_op, input_channels, self.output_channels[0], stem_kernel, 1,
                                    n_blocks_per_stage[0], **stage_kwargs)
         self.stem_pool = stem_pool
         stages, previous = [], self.output_channels[0]
