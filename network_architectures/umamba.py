@@ -437,16 +437,7 @@ def _network_from_plan(network_class, plan: NetworkPlan, deep_supervision: bool,
                         f"Use a larger patch size so that nnU-Net plans more stages.")
     try:
         network = network_class(
-            input_channels=plan.input_channels, n_stages=plan.n_stages,
-            features_per_stage=list(plan.features_per_stage), conv_op=plan.conv_op,
-            kernel_sizes=[list(k) for k in plan.kernel_sizes], strides=[list(s) for s in plan.strides],
-            n_blocks_per_stage=list(plan.n_blocks_per_stage), num_classes=plan.num_classes,
-            n_conv_per_stage_decoder=list(plan.n_conv_per_stage_decoder), input_size=plan.patch_size,
-            conv_bias=plan.conv_bias, norm_op=plan.norm_op, norm_op_kwargs=dict(plan.norm_op_kwargs),
-            dropout_op=plan.dropout_op,
-            dropout_op_kwargs=None if plan.dropout_op_kwargs is None else dict(plan.dropout_op_kwargs),
-            nonlin=plan.nonlin, nonlin_kwargs=dict(plan.nonlin_kwargs), deep_supervision=deep_supervision,
-            backend=backend)
+            **plan.unet_kwargs(with_input_size=True), deep_supervision=deep_supervision, backend=backend)
     except ValueError as error:
         if isinstance(error, PlanError):
             raise

@@ -93,6 +93,17 @@ class NetworkPlan:
         """Return the fields as a dict of keyword arguments (deep copies)."""
         return copy.deepcopy({name: getattr(self, name) for name in self.__dataclass_fields__})
 
+    def unet_kwargs(self, with_input_size: bool = False) -> Dict[str, Any]:
+        """Return deep-copied U-Net constructor keywords (dynamic_network_architectures' names).
+
+        ``with_input_size`` adds ``input_size`` (the patch size) for networks whose layers depend on it.
+        """
+        kwargs = self.network_kwargs()
+        patch_size = kwargs.pop("patch_size")
+        if with_input_size:
+            kwargs["input_size"] = patch_size
+        return kwargs
+
     @classmethod
     def from_nnunet(cls, plans_manager, configuration_manager, num_input_channels: int,
                     num_output_channels: int) -> "NetworkPlan":

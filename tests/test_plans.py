@@ -65,3 +65,13 @@ def test_bad_plans_raise_clear_errors(change, patch, message):
         del arch["n_stages"]
     with pytest.raises(PlanError, match=message):
         NetworkPlan.from_arch_kwargs(arch, patch, 1, 2)
+
+
+def test_unet_kwargs_use_constructor_names_and_copies():
+    plan = NetworkPlan.from_arch_kwargs(arch_kwargs_3d(), [16, 64, 48], 2, 3)
+    kwargs = plan.unet_kwargs()
+    assert "patch_size" not in kwargs and "input_size" not in kwargs
+    assert kwargs["input_channels"] == 2 and kwargs["num_classes"] == 3 and kwargs["n_stages"] == 4
+    assert plan.unet_kwargs(with_input_size=True)["input_size"] == (16, 64, 48)
+    kwargs["strides"][1][1] = 5
+    assert plan.strides[1] == [1, 2, 2]
