@@ -13,7 +13,6 @@ work outside nnU-Net; ``build_taming_network(name, plan, deep_supervision)`` bui
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
@@ -28,7 +27,6 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunetv2_mamba.layers import BidirectionalMixer, Mamba, combine, run_in_axis_order, run_on_map
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
-logger = logging.getLogger(__name__)
 
 #: d_state = min(C, cap): SegMamba, BiSegMamba and SegMambaSkip cap at 256 (the CUDA kernel limit), Multi at 64.
 D_STATE_CAP = 256

@@ -8,8 +8,9 @@ from tests.e2e.helpers import run_nnunet_pipeline
 
 @pytest.mark.e2e
 def test_segmamba_3d_fullres_plan_train_predict_evaluate(tmp_path):
-    # 16^3 images (own dataset): SegMamba scans every voxel of the full-resolution level, so a 32^3 patch
-    # costs ~8x more on CPU; 16^3 still gives a 3-stage plan with deep supervision.
+    # 16^3 images: SegMamba scans every voxel of the full-resolution level, so the default 32^3 dataset costs
+    # ~8x more on CPU; 16^3 still gives a 3-stage plan with deep supervision. Same dataset id and shape as the
+    # U-Mamba and LoG-VMamba e2e tests, so one planning run serves all of them in a session.
     result = run_nnunet_pipeline(tmp_path, "nnUNetTrainerSegMamba", configuration="3d_fullres", dim=3,
                                  dataset_id=951, shape=(16, 16, 16))
     fold = result["results_dir"] / "fold_0"
