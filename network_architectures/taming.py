@@ -329,17 +329,8 @@ def build_taming_network(name: str, plan: NetworkPlan, deep_supervision: bool, *
         raise PlanError(f"{name} supports only {' and '.join(f'{d}D' for d in network_class.supported_dims)} "
                         f"plans; this plan is {plan.dim}D (patch size {list(plan.patch_size)}). "
                         f"{network_class.dimension_hint}")
-    kwargs = plan.network_kwargs()
     try:
-        return network_class(
-            input_channels=kwargs["input_channels"], n_stages=kwargs["n_stages"],
-            features_per_stage=kwargs["features_per_stage"], conv_op=kwargs["conv_op"],
-            kernel_sizes=kwargs["kernel_sizes"], strides=kwargs["strides"],
-            n_blocks_per_stage=kwargs["n_blocks_per_stage"], num_classes=kwargs["num_classes"],
-            n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"], conv_bias=kwargs["conv_bias"],
-            norm_op=kwargs["norm_op"], norm_op_kwargs=kwargs["norm_op_kwargs"], dropout_op=kwargs["dropout_op"],
-            dropout_op_kwargs=kwargs["dropout_op_kwargs"], nonlin=kwargs["nonlin"],
-            nonlin_kwargs=kwargs["nonlin_kwargs"], deep_supervision=deep_supervision, **options)
+        return network_class(**plan.unet_kwargs(), deep_supervision=deep_supervision, **options)
     except PlanError:
         raise
     except ValueError as error:  # the plan cannot make this network: report it as a plan problem
