@@ -26,7 +26,7 @@ from dynamic_network_architectures.building_blocks.regularization import DropPat
 
 from nnunetv2_mamba.layers import Mamba, combine, frame_deinterleave, frame_interleave, from_tokens, to_tokens
 from nnunetv2_mamba.layers.tokens import run_reversed
-from nnunetv2_mamba.network_architectures.video_tokens import run_frames_reversed
+from nnunetv2_mamba.layers.tokens import run_frames_reversed
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 from nnunetv2_mamba.ssm import selective_scan
 

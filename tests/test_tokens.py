@@ -76,3 +76,17 @@ def test_combine_and_bidirectional_mixer():
     mixer = tk.BidirectionalMixer(Cum(), Cum(), nn.Identity())
     t = torch.randn(1, 6, 2)
     torch.testing.assert_close(mixer(t), t.cumsum(1) + t.flip(1).cumsum(1).flip(1))
+
+
+def test_reverse_frames_keeps_the_order_inside_each_frame():
+    nframes, positions = 3, 4
+    tokens = torch.arange(nframes * positions, dtype=torch.float32).view(1, -1, 1)
+    reversed_frames = tk.reverse_frames(tokens, nframes)
+    assert reversed_frames[0, :, 0].tolist() == [8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert torch.equal(tk.reverse_frames(reversed_frames, nframes), tokens)
+    out = tk.run_frames_reversed(cumulative, tokens, nframes)
+    # Scanned frames 3, 2, 1: the last frame's tokens come first, the first frame's see everything before.
+    assert out[0, -1, 0] == 8 + 9 + 10 + 11
+    assert out[0, 0, 0] == (8 + 9 + 10 + 11) + (4 + 5 + 6 + 7) + 0
+    with pytest.raises(ValueError, match="multiple of the number of frames"):
+        tk.reverse_frames(torch.zeros(1, 10, 1), 3)

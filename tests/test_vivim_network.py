@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nnunetv2_mamba.layers import Mamba, frame_deinterleave, frame_interleave, from_tokens, run_reversed, to_tokens
-from nnunetv2_mamba.network_architectures.video_tokens import reverse_frames, run_frames_reversed
+from nnunetv2_mamba.layers.tokens import reverse_frames, run_frames_reversed
 from nnunetv2_mamba.network_architectures.vivim import (STMambaV3, TemporalMambaLayer, Vivim, build_vivim)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 

@@ -69,6 +69,19 @@ def frame_deinterleave(tokens: torch.Tensor, nframes: int) -> torch.Tensor:
     return tokens.view(batch, length // nframes, nframes, channels).transpose(1, 2).reshape(batch, length, channels)
 
 
+def reverse_frames(tokens: torch.Tensor, nframes: int) -> torch.Tensor:
+    """Return frame-major tokens (B, T*P, C) with the frames in reverse order (order inside a frame kept)."""
+    batch, length, channels = tokens.shape
+    if length % nframes:
+        raise ValueError(f"Sequence length {length} is not a multiple of the number of frames {nframes}.")
+    return tokens.view(batch, nframes, length // nframes, channels).flip(1).reshape(batch, length, channels)
+
+
+def run_frames_reversed(mixer: TokenMixer, tokens: torch.Tensor, nframes: int) -> torch.Tensor:
+    """Return mixer applied to the tokens with frames T..1, mapped back to frames 1..T."""
+    return reverse_frames(mixer(reverse_frames(tokens, nframes)), nframes)
+
+
 def combine(outputs: Sequence[torch.Tensor], mode: str = "sum") -> torch.Tensor:
     """Return the sum or the mean of several direction outputs of equal shape."""
     if mode not in ("sum", "mean"):
