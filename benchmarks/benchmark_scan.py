@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark_scan.py                     # (2, 128^3, 32) and (2, 64^3, 64), fp32
     python benchmarks/benchmark_scan.py --shapes 2x32768x64 --dtype bf16
+    python benchmarks/benchmark_scan.py --device cpu --shapes 2x32768x32 --steps 3 --warmup 1
 
 Rows: forward and forward+backward milliseconds and peak memory per backend, with the ratio to the fastest
 backend of the same shape.
@@ -16,21 +17,26 @@ import time
 import torch
 
 from nnunetv2_mamba.layers import Mamba
-from nnunetv2_mamba.ssm import describe_backends
+from nnunetv2_mamba.ssm import describe_backends, get_backend
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(layer, tokens, backward: bool, steps: int, warmup: int) -> float:
     """Return the median milliseconds of forward (and backward) passes."""
     times = []
     for step in range(warmup + steps):
-        torch.cuda.synchronize()
+        _sync(tokens.device)
         started = time.perf_counter()
         if backward:
             layer(tokens).float().square().mean().backward()
         else:
             with torch.no_grad():
                 layer(tokens)
-        torch.cuda.synchronize()
+        _sync(tokens.device)
         if step >= warmup:
             times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
@@ -44,14 +50,16 @@ def main(argv=None) -> int:
                         help="fp32 inputs, or fp32 weights under autocast to bf16/fp16")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device", file=sys.stderr)
-        return 1
-    backends = [row["name"] for row in describe_backends() if row["available"]]
+    device = torch.device(args.device)
+    probe = torch.zeros(1, 1, 1, device=device)
+    backends = [row["name"] for row in describe_backends()
+                if row["available"] and get_backend(row["name"]).supports(probe, probe[0])]
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, medians of "
-          f"{args.steps} after {args.warmup} warm-up")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {name}, torch {torch.__version__}, {args.dtype}, medians of {args.steps} after "
+          f"{args.warmup} warm-up")
     print("| shape (B x L x d) | backend | forward (ms) | fwd+bwd (ms) | peak fwd+bwd (GiB) | fwd+bwd x fastest |")
     print("|---|---|---|---|---|---|")
     for shape in args.shapes:
@@ -59,18 +67,23 @@ def main(argv=None) -> int:
         rows = []
         for name in backends:
             torch.manual_seed(0)
-            layer = Mamba(d_model, backend=name).cuda()
-            tokens = torch.randn(batch, length, d_model, device="cuda", requires_grad=True)
-            with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+            layer = Mamba(d_model, backend=name).to(device)
+            tokens = torch.randn(batch, length, d_model, device=device, requires_grad=True)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
                 forward = measure(layer, tokens, False, args.steps, args.warmup)
-                torch.cuda.reset_peak_memory_stats()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 both = measure(layer, tokens, True, args.steps, args.warmup)
-            rows.append((name, forward, both, torch.cuda.max_memory_allocated() / 2 ** 30))
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+            rows.append((name, forward, both, peak))
             del layer, tokens
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         fastest = min(row[2] for row in rows)
         for name, forward, both, peak in rows:
-            print(f"| {shape} | {name} | {forward:.1f} | {both:.1f} | {peak:.2f} | {both / fastest:.2f} |")
+            peak_text = "n/a" if peak != peak else f"{peak:.2f}"  # no allocator statistics on the CPU
+            print(f"| {shape} | {name} | {forward:.1f} | {both:.1f} | {peak_text} | {both / fastest:.2f} |")
     return 0
 
 
