@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nnunetv2_mamba.layers import run_in_fp32
 from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, init_he, residual_stage
 from nnunetv2_mamba.network_architectures.umamba import UMambaEncoder, umamba_block_counts
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
@@ -608,9 +609,7 @@ class LoGMambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the mixed map (B, C, *S) in fp32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            tokens = x.float().movedim(1, -1)
-            return self.mamba(tokens).movedim(-1, 1)
+        return run_in_fp32(lambda features: self.mamba(features.float().movedim(1, -1)).movedim(-1, 1), x)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import Sta
 from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
-from nnunetv2_mamba.layers import BidirectionalMixer, Mamba, combine, run_in_axis_order, run_on_map
+from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_in_fp32,
+                                   run_on_map)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
 
@@ -37,16 +38,6 @@ MULTI_D_STATE_CAP = 64
 MULTI_AXIS_ORDERS: Tuple[Tuple[int, int, int], ...] = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (2, 0, 1))
 
 _CONV_DIMS = {nn.Conv2d: 2, nn.Conv3d: 3}
-
-
-def run_in_fp32(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Return function(x) computed in fp32 with autocast disabled (fp16/bf16 input is cast up)."""
-    # Mamba under fp16 autocast overflows (spec §0.6, §6.4); the reference disables autocast for the whole
-    # mixer and casts fp16 up. bf16 is cast too: it would otherwise reach the fp32 LayerNorm weights.
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        return function(x)
 
 
 class MambaTrans(nn.Module):

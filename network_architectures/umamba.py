@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nnunetv2_mamba.layers import Mamba, run_on_map
+from nnunetv2_mamba.layers import Mamba, run_in_fp32, run_on_map
 from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
@@ -130,21 +130,22 @@ class UMambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the mixed map, same shape as ``x``, in fp32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if x.dtype in (torch.float16, torch.bfloat16):
-                x = x.float()
-            if not self.channel_token:
-                return run_on_map(self._mix_tokens, x)
-            batch, channels, *spatial = x.shape
-            n_positions = int(np.prod(spatial))
-            if n_positions != self.dim:
-                raise ValueError(f"This channel-token U-Mamba layer was built for feature maps of {self.dim} "
-                                 f"positions (set by the configuration's patch size); got a map of size "
-                                 f"{list(spatial)}. Feed patches of the configuration's patch size (nnU-Net's "
-                                 f"predictor does).")
-            # Channels are the tokens: (B, C, *S) -> (B, C, prod(S)) is already (B, L=C, d=prod(S)).
-            mixed = self._mix_tokens(x.reshape(batch, channels, n_positions))
-            return mixed.reshape(batch, channels, *spatial)
+        return run_in_fp32(self._mix_map, x)
+
+    def _mix_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the mixed map for an fp32 ``x`` (patch or channel tokens)."""
+        if not self.channel_token:
+            return run_on_map(self._mix_tokens, x)
+        batch, channels, *spatial = x.shape
+        n_positions = int(np.prod(spatial))
+        if n_positions != self.dim:
+            raise ValueError(f"This channel-token U-Mamba layer was built for feature maps of {self.dim} "
+                             f"positions (set by the configuration's patch size); got a map of size "
+                             f"{list(spatial)}. Feed patches of the configuration's patch size (nnU-Net's "
+                             f"predictor does).")
+        # Channels are the tokens: (B, C, *S) -> (B, C, prod(S)) is already (B, L=C, d=prod(S)).
+        mixed = self._mix_tokens(x.reshape(batch, channels, n_positions))
+        return mixed.reshape(batch, channels, *spatial)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, channel_token={self.channel_token}"

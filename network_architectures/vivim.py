@@ -24,9 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 
-from nnunetv2_mamba.layers import Mamba, combine, frame_deinterleave, frame_interleave, from_tokens, to_tokens
-from nnunetv2_mamba.layers.tokens import run_reversed
-from nnunetv2_mamba.layers.tokens import run_frames_reversed
+from nnunetv2_mamba.layers import (Mamba, combine, frame_deinterleave, frame_interleave, from_tokens,
+                                   run_frames_reversed, run_in_fp32, run_reversed, to_tokens)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 from nnunetv2_mamba.ssm import selective_scan
 
@@ -330,13 +329,15 @@ class TemporalMambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the updated clip map (B, C, T, h, w) in fp32."""
         # Mamba under fp16 autocast overflows (spec §0.6): the whole layer runs in fp32, autocast off.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            spatial_shape = x.shape[2:]
-            tokens = to_tokens(x)  # frame-major because time is the first spatial axis
-            tokens = tokens + self._mix(self.norm1(tokens), spatial_shape[0])
-            tokens = tokens + self.mlp(self.norm2(tokens), spatial_shape)
-            return from_tokens(tokens, spatial_shape)
+        return run_in_fp32(self._update, x.float())
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        """Return x + mixer + DSF for an fp32 clip map (B, C, T, h, w)."""
+        spatial_shape = x.shape[2:]
+        tokens = to_tokens(x)  # frame-major because time is the first spatial axis
+        tokens = tokens + self._mix(self.norm1(tokens), spatial_shape[0])
+        tokens = tokens + self.mlp(self.norm2(tokens), spatial_shape)
+        return from_tokens(tokens, spatial_shape)
 
     def extra_repr(self) -> str:
         return f"mixer={self.mixer_kind}, reverse_frames={self.reverse_frames}"

@@ -109,3 +109,21 @@ def test_numpy_int_d_model_is_normalised():
 def test_bad_token_shape_is_explained():
     with pytest.raises(ValueError, match=r"expects tokens \(batch, length, 8\)"):
         Mamba(8)(torch.randn(2, 8, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_run_in_fp32_disables_autocast_and_casts_up(dtype):
+    from nnunetv2_mamba.layers import run_in_fp32
+
+    seen = {}
+
+    def probe(x):
+        seen["dtype"] = x.dtype
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return x @ x.transpose(-1, -2)  # would run in bf16 under CPU autocast
+
+    x = torch.randn(3, 4).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_in_fp32(probe, x)
+    assert seen == {"dtype": torch.float32, "autocast": False}
+    assert out.dtype == torch.float32
