@@ -634,10 +634,7 @@ class LoGVMambaDecoder(nn.Module):
         self.encoder = encoder
         self.deep_supervision = deep_supervision
         features = encoder.output_channels
-        stage_kwargs = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op,
-                            norm_op_kwargs=encoder.norm_op_kwargs, dropout_op=encoder.dropout_op,
-                            dropout_op_kwargs=encoder.dropout_op_kwargs, nonlin=encoder.nonlin,
-                            nonlin_kwargs=encoder.nonlin_kwargs)
+        stage_kwargs = encoder.stage_kwargs
         upsample_layers, stages = [], []
         for j in range(n_stages - 1):
             below, skip = n_stages - 1 - j, n_stages - 2 - j

@@ -198,9 +198,11 @@ class UMambaEncoder(nn.Module):
         self.dropout_op, self.dropout_op_kwargs = dropout_op, (dict(dropout_op_kwargs) if dropout_op_kwargs else None)
         self.nonlin, self.nonlin_kwargs = nonlin, dict(nonlin_kwargs or {})
         self.return_skips = return_skips
-        stage_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=self.norm_op_kwargs,
-                            dropout_op=dropout_op, dropout_op_kwargs=self.dropout_op_kwargs, nonlin=nonlin,
-                            nonlin_kwargs=self.nonlin_kwargs)
+        # Block options shared with decoders built on this encoder (they read them from here).
+        self.stage_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=self.norm_op_kwargs,
+                                 dropout_op=dropout_op, dropout_op_kwargs=self.dropout_op_kwargs, nonlin=nonlin,
+                                 nonlin_kwargs=self.nonlin_kwargs)
+        stage_kwargs = self.stage_kwargs
 
         # The stem uses stage 0's kernel unless told otherwise (LoG-VMamba's stem takes the plan's K[0] while its
         # first mixer stage takes K[1]).
@@ -266,10 +268,7 @@ class UMambaDecoder(nn.Module):
         self.deep_supervision = deep_supervision
         self.use_full_resolution_skip = use_full_resolution_skip
         features = encoder.output_channels
-        stage_kwargs = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op,
-                            norm_op_kwargs=encoder.norm_op_kwargs, dropout_op=encoder.dropout_op,
-                            dropout_op_kwargs=encoder.dropout_op_kwargs, nonlin=encoder.nonlin,
-                            nonlin_kwargs=encoder.nonlin_kwargs)
+        stage_kwargs = encoder.stage_kwargs
         upsample_layers, stages, seg_layers = [], [], []
         for j in range(n_stages - 1):
             below, skip = n_stages - 1 - j, n_stages - 2 - j
