@@ -68,13 +68,24 @@ class Mamba(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects tokens (batch, length, {self.d_model}); "
                              f"got shape {tuple(hidden_states.shape)}.")
-        length = hidden_states.shape[1]
+        batch, length, _ = hidden_states.shape
+        A = -torch.exp(self.A_log.float())
+        backend = select_backend(hidden_states, A, self.backend)
+        # causal-conv1d's kernels (and so the fused paths) handle conv widths 2 to 4.
+        fusable = 2 <= self.d_conv <= 4
+        fused_inner = backend.fused_mamba_inner() if fusable else None
+        if fused_inner is not None:
+            # (d, batch * length) layout, as mamba_ssm builds it: xz then has unit stride along the tokens.
+            xz = self.in_proj.weight @ hidden_states.reshape(batch * length, self.d_model).t()
+            xz = xz.view(2 * self.d_inner, batch, length).transpose(0, 1)
+            if self.in_proj.bias is not None:
+                xz = xz + self.in_proj.bias.to(xz.dtype)[None, :, None]
+            return fused_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                               self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, length)
         x, z = xz.chunk(2, dim=1)
-        A = -torch.exp(self.A_log.float())
-        backend = select_backend(x, A, self.backend)
-
-        fused_conv = backend.causal_conv1d()
+        fused_conv = backend.causal_conv1d() if fusable else None
         if fused_conv is not None:
             x = fused_conv(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         else:

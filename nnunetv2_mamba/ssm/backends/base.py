@@ -36,3 +36,11 @@ class ScanBackend:
     def causal_conv1d(self) -> Optional[Callable]:
         """Return a fused causal depthwise conv1d + SiLU function, or None to use torch's Conv1d."""
         return None
+
+    def fused_mamba_inner(self) -> Optional[Callable]:
+        """Return a fused Mamba inner function with mamba_ssm ``mamba_inner_fn`` semantics, or None.
+
+        It runs conv1d + SiLU, x_proj, dt_proj, the scan and out_proj as one autograd function that recomputes
+        the conv and delta in its backward pass instead of storing them (less memory, fewer kernels).
+        """
+        return None

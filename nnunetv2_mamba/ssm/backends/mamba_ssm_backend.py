@@ -33,6 +33,18 @@ def _import_causal_conv1d():
     return causal_conv1d_fn
 
 
+@functools.lru_cache(maxsize=None)
+def _import_mamba_inner():
+    # mamba_inner_fn calls causal-conv1d's CUDA extension directly, so it is only usable when that imports.
+    if _import_causal_conv1d() is None:
+        return None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    except Exception:
+        return None
+    return mamba_inner_fn
+
+
 class MambaSsmBackend(ScanBackend):
     name = "mamba_ssm"
     description = "mamba-ssm's CUDA kernel (CUDA tensors, fp32/fp16/bf16, d_state <= 256)"
@@ -70,3 +82,6 @@ class MambaSsmBackend(ScanBackend):
 
     def causal_conv1d(self):
         return _import_causal_conv1d()
+
+    def fused_mamba_inner(self):
+        return _import_mamba_inner()
