@@ -18,7 +18,9 @@ import importlib.util
 import json
 import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -152,30 +154,59 @@ def time_inference(network, plan, steps: int, warmup: int, device) -> Dict[str, 
     return {"infer_ms": statistics.median(times)}
 
 
-def run(names: Optional[List[str]], patch_size, batch: int, steps: int, warmup: int, device) -> List[dict]:
-    """Benchmark the chosen networks (PlainConvUNet always first) and return one row per network."""
+def measure(name: str, patch_size, batch: int, steps: int, warmup: int, device) -> dict:
+    """Return one network's row: parameters, training and inference figures (or the error that stopped it)."""
     plan = benchmark_plan(patch_size)
+    row = {"network": name}
+    network = None
+    try:
+        torch.manual_seed(0)
+        network = collect_networks()[name](benchmark_plan(patch_size), True).to(device)
+        row["params_m"] = count_parameters(network) / 1e6
+        row.update(time_training(network, plan, batch, steps, warmup, device))
+        row.update(time_inference(network, plan, steps, warmup, device))
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of GPU memory"
+    except Exception as error:  # keep benchmarking the others; the row says what failed
+        row["error"] = f"{type(error).__name__}: {error}"[:200]
+    finally:
+        del network
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def measure_in_subprocess(name: str, patch_size, batch: int, steps: int, warmup: int, device) -> dict:
+    """Return ``measure(...)`` run in a fresh Python process.
+
+    One process per network, so that no network runs in memory left fragmented (or held) by the previous one:
+    after a network that peaks near the GPU's capacity, the caching allocator of a shared process frees and
+    re-allocates blocks every step, which made later networks several times slower in a shared process.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "row.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--json", str(result),
+                   "--patch", *map(str, patch_size), "--batch", str(batch), "--steps", str(steps),
+                   "--warmup", str(warmup), "--device", str(device)]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0 or not result.exists():
+            message = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"network": name, "error": f"worker exited with {completed.returncode}: {message}"[:200]}
+        return json.loads(result.read_text())
+
+
+def run(names: Optional[List[str]], patch_size, batch: int, steps: int, warmup: int, device,
+        isolate: bool = True) -> List[dict]:
+    """Benchmark the chosen networks (PlainConvUNet always first) and return one row per network."""
     builders = collect_networks()
+    unknown = sorted(set(names or []) - set(builders))
+    if unknown:
+        raise SystemExit(f"Unknown network(s) {unknown}; choose from {list(builders)} (see --list).")
     chosen = ["PlainConvUNet"] + [n for n in builders if n != "PlainConvUNet" and (not names or n in names)]
     rows = []
     for name in chosen:
-        row = {"network": name}
-        network = None
-        try:
-            torch.manual_seed(0)
-            network = builders[name](benchmark_plan(patch_size), True).to(device)
-            row["params_m"] = count_parameters(network) / 1e6
-            row.update(time_training(network, plan, batch, steps, warmup, device))
-            row.update(time_inference(network, plan, steps, warmup, device))
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = "out of GPU memory"
-        except Exception as error:  # keep benchmarking the others; the row says what failed
-            row["error"] = f"{type(error).__name__}: {error}"[:200]
-        finally:
-            del network
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        row = (measure_in_subprocess if isolate else measure)(name, patch_size, batch, steps, warmup, device)
         rows.append(row)
         print(f"  done {name}: {row}", file=sys.stderr, flush=True)
     baseline = rows[0]
@@ -212,15 +243,24 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--list", action="store_true", help="list the available networks and exit")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure every network in this process (default: one fresh process each)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one network, write its row
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(collect_networks()))
         return 0
     device = torch.device(args.device)
-    rows = run(args.networks, tuple(args.patch), args.batch, args.steps, args.warmup, device)
+    if args.worker:
+        row = measure(args.worker, tuple(args.patch), args.batch, args.steps, args.warmup, device)
+        Path(args.json).write_text(json.dumps(row))
+        return 0
+    rows = run(args.networks, tuple(args.patch), args.batch, args.steps, args.warmup, device,
+               isolate=not args.same_process)
     info = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
             f"{torch.__version__}, patch {args.patch}, batch {args.batch}, {args.steps} steps after "
-            f"{args.warmup} warm-up, medians")
+            f"{args.warmup} warm-up, medians, "
+            f"{'one process' if args.same_process else 'one fresh process per network'}")
     print(info)
     print(format_table(rows))
     if args.json:

@@ -5,7 +5,8 @@
     python benchmarks/benchmark_scan.py --device cpu --shapes 2x32768x32 --steps 3 --warmup 1
 
 Rows: forward and forward+backward milliseconds and peak memory per backend, with the ratio to the fastest
-backend of the same shape.
+row of the same shape. When mamba_ssm is installed, a last row measures its own ``mamba_ssm.Mamba`` module
+loaded with the same weights, the upstream layer our parameter names follow.
 """
 from __future__ import annotations
 
@@ -42,6 +43,18 @@ def measure(layer, tokens, backward: bool, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def upstream_layer(layer: Mamba):
+    """Return mamba_ssm's own Mamba module with ``layer``'s weights, or None if mamba_ssm is not importable."""
+    try:
+        from mamba_ssm import Mamba as UpstreamMamba
+    except Exception:
+        return None
+    upstream = UpstreamMamba(d_model=layer.d_model, d_state=layer.d_state, d_conv=layer.d_conv,
+                             expand=layer.expand).to(layer.A_log.device)
+    upstream.load_state_dict(layer.state_dict())
+    return upstream
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["2x2097152x32", "2x262144x64"],
@@ -65,9 +78,13 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         batch, length, d_model = (int(v) for v in shape.split("x"))
         rows = []
-        for name in backends:
+        candidates = [(name, lambda name=name: Mamba(d_model, backend=name).to(device)) for name in backends]
+        if device.type == "cuda" and "mamba_ssm" in backends:
+            candidates.append(("upstream mamba_ssm.Mamba",
+                               lambda: upstream_layer(Mamba(d_model, backend="mamba_ssm").to(device))))
+        for name, make_layer in candidates:
             torch.manual_seed(0)
-            layer = Mamba(d_model, backend=name).to(device)
+            layer = make_layer()
             tokens = torch.randn(batch, length, d_model, device=device, requires_grad=True)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):

@@ -17,4 +17,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 benchmarks/benchmark_scan.py --steps 5 --warmup 2 2>&1 | tee "$out/bench_scan.log"
   python3 benchmarks/benchmark_networks.py --steps 10 --warmup 3 --json "$out/bench_networks.json" 2>&1 \
     | tee "$out/bench_networks.log"
+  python3 benchmarks/benchmark_vivim.py --json "$out/bench_vivim.json" 2>&1 | tee "$out/bench_vivim.log"
+  python3 benchmarks/benchmark_vivim.py --no-amp --json "$out/bench_vivim_fp32.json" 2>&1 \
+    | tee "$out/bench_vivim_fp32.log"
 fi
