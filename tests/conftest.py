@@ -6,6 +6,10 @@ import torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "e2e: runs nnU-Net's own commands end to end (slow)")
+    # mamba_ssm 2.3's mamba_inner_fn calls a torch API deprecated since 2.4, once per call under autocast
+    # (hundreds of identical lines on the GPU); it is upstream's and harmless.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:torch.get_autocast_gpu_dtype\\(\\) is deprecated:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,62 @@
+"""The benchmark scripts run as users run them (a subprocess, CPU, tiny sizes) and report consistent rows.
+
+They produce BENCHMARKS.md's figures on the GPU; here only their mechanics are checked: every requested row
+is measured, ratios are relative to PlainConvUNet of the same run, and the tables are printed.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *args, timeout=600):
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True,
+                               text=True, cwd=ROOT, timeout=timeout)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return completed.stdout
+
+
+def test_network_benchmark_measures_each_network_in_its_own_process(tmp_path):
+    result = tmp_path / "rows.json"
+    stdout = run_script("benchmark_networks.py", "--device", "cpu", "--patch", "64", "64", "64", "--batch", "1",
+                        "--steps", "1", "--warmup", "0", "--networks", "UMambaBot", "--json", str(result))
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["network"] for row in rows] == ["PlainConvUNet", "UMambaBot"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["train_ms"] > 0 and row["infer_ms"] > 0
+    baseline, umamba = rows
+    assert baseline["train_ms_ratio"] == 1.0
+    assert umamba["train_ms_ratio"] == pytest.approx(umamba["train_ms"] / baseline["train_ms"])
+    assert umamba["params_m"] == pytest.approx(42.12, abs=0.01)  # the issue's plan: U-Mamba-Bot's size
+    assert "one fresh process per network" in stdout
+    assert "| UMambaBot | 42.12 |" in stdout
+
+
+def test_network_benchmark_rejects_an_unknown_network():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_networks.py"), "--device", "cpu",
+                                "--networks", "NoSuchNet"], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode != 0
+    assert "Unknown network(s) ['NoSuchNet']" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_scan_benchmark_prints_a_row_per_available_backend():
+    stdout = run_script("benchmark_scan.py", "--device", "cpu", "--shapes", "1x256x16", "--steps", "1",
+                        "--warmup", "0")
+    rows = [line for line in stdout.splitlines() if line.startswith("| 1x256x16 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["torch"]  # the only backend on a CPU
+    assert rows[0].rstrip().endswith("| 1.00 |")
+
+
+def test_vivim_benchmark_reports_frames_per_second(tmp_path):
+    result = tmp_path / "fps.json"
+    run_script("benchmark_vivim.py", "--device", "cpu", "--frames", "2", "--size", "64", "64", "--repeats", "1",
+               "--warmup", "0", "--json", str(result))
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["mixer"] for row in rows] == ["alternating", "st_v3"]
+    for row in rows:
+        assert row["fps"] == pytest.approx(2 * 1000 / row["ms_per_clip"], rel=1e-6)
