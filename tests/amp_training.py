@@ -44,6 +44,21 @@ def train_until_steps_are_applied(trainer, make_batch: Callable, needed: int = 3
     assert applied >= needed, (f"only {applied} of {len(history)} steps were applied: the GradScaler kept "
                                f"skipping, so a gradient is non-finite at every scale. (loss, scale, applied): "
                                f"{history}")
-    if scaler is None:
-        assert all(entry[2] for entry in history), "without AMP every step must be applied"
     return history
+
+
+def check_real_training_steps(trainer, make_batch: Callable, mixer_marker: str) -> None:
+    """Train ``trainer`` until steps are applied, then check that it learned and still validates.
+
+    After ``train_until_steps_are_applied``: every parameter is finite, some parameter whose name contains
+    ``mixer_marker`` (the family's Mamba mixer, e.g. ".mamba.") changed, and a validation step gives a finite
+    loss.
+    """
+    before = {name: p.detach().clone() for name, p in trainer.network.named_parameters()}
+    trainer.network.train()
+    train_until_steps_are_applied(trainer, make_batch)
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+    changed = [name for name, p in trainer.network.named_parameters() if not torch.equal(p, before[name])]
+    assert any(mixer_marker in name for name in changed), f"no {mixer_marker!r} parameter changed"
+    trainer.network.eval()
+    assert np.isfinite(trainer.validation_step(make_batch(trainer, seed=9))["loss"])

@@ -1,14 +1,13 @@
 """GPU: real nnU-Net training steps of the four Taming trainers with the mamba_ssm backend under fp16 AMP
 (GradScaler), plus a MultiSegMamba step with its mixers under autocast at a realistic resolution."""
-import numpy as np
 import pytest
 import torch
 
 from nnunetv2_mamba.network_architectures.taming import build_taming_network
 from nnunetv2_mamba.plans import NetworkPlan
 from nnunetv2_mamba.ssm import get_backend
-from tests.amp_training import train_until_steps_are_applied
 from nnunetv2_mamba.trainers import taming
+from tests.amp_training import check_real_training_steps
 from tests.test_taming_trainers import make_batch, make_plans, make_trainer
 
 pytestmark = pytest.mark.gpu
@@ -29,15 +28,8 @@ def test_fp16_amp_training_steps_with_mamba_ssm_backend(trainer_name, configurat
     trainer = make_trainer(getattr(taming, trainer_name), configuration, tmp_path, monkeypatch, device="cuda",
                            plans=plans)
     assert trainer.grad_scaler is not None, "the reference recipe trains with fp16 AMP"
-    before = {name: p.detach().clone() for name, p in trainer.network.named_parameters()}
-    trainer.network.train()
     # Early GradScaler skips are allowed (see tests/amp_training.py); steps must then be applied.
-    train_until_steps_are_applied(trainer, make_batch)
-    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
-    changed = [name for name, p in trainer.network.named_parameters() if not torch.equal(p, before[name])]
-    assert any(".mamba." in name for name in changed)
-    trainer.network.eval()
-    assert np.isfinite(trainer.validation_step(make_batch(trainer, seed=9))["loss"])
+    check_real_training_steps(trainer, make_batch, ".mamba.")
 
 
 @requires_mamba_ssm
