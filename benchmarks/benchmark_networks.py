@@ -13,6 +13,7 @@ Networks come from ``benchmarks/networks_*.py``: each defines ``networks() -> {n
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -28,6 +29,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from reporting import report, run_header
 
 ROOT = Path(__file__).resolve().parent
 
@@ -62,6 +65,7 @@ def build_plain_conv_unet(plan, deep_supervision: bool) -> nn.Module:
     return network
 
 
+@functools.lru_cache(maxsize=None)
 def collect_networks() -> Dict[str, Callable]:
     """Return {name: builder}: PlainConvUNet first, then every benchmarks/networks_*.py entry."""
     found: Dict[str, Callable] = {"PlainConvUNet": build_plain_conv_unet}
@@ -257,14 +261,10 @@ def main(argv=None) -> int:
         return 0
     rows = run(args.networks, tuple(args.patch), args.batch, args.steps, args.warmup, device,
                isolate=not args.same_process)
-    info = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
-            f"{torch.__version__}, patch {args.patch}, batch {args.batch}, {args.steps} steps after "
-            f"{args.warmup} warm-up, medians, "
-            f"{'one process' if args.same_process else 'one fresh process per network'}")
-    print(info)
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    info = run_header(device, f"patch {args.patch}, batch {args.batch}, {args.steps} steps after {args.warmup} "
+                              f"warm-up, medians, "
+                              f"{'one process' if args.same_process else 'one fresh process per network'}")
+    report(info, format_table(rows), rows, args.json)
     return 0
 
 

@@ -10,11 +10,12 @@ paper reports 37 FPS on an RTX 3090 for its SegFormer-B3-based model at this cli
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+
+from reporting import report, run_header
 
 ROOT = Path(__file__).resolve().parent
 
@@ -74,14 +75,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     rows = run(args.frames, args.size[0], args.size[1], args.channels, args.classes, args.batch, args.warmup,
                args.repeats, device, not args.no_amp, args.mixers)
-    info = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
-            f"{torch.__version__}, clip {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch}, "
-            f"{'fp16 autocast' if not args.no_amp and device.type == 'cuda' else 'fp32'}, {args.repeats} repeats "
-            f"after {args.warmup} warm-up")
-    print(info)
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    info = run_header(device, f"clip {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch}, "
+                              f"{'fp16 autocast' if not args.no_amp and device.type == 'cuda' else 'fp32'}, "
+                              f"{args.repeats} repeats after {args.warmup} warm-up")
+    report(info, format_table(rows), rows, args.json)
     return 0
 
 
