@@ -1,6 +1,6 @@
 """Vivim entries for benchmarks/benchmark_networks.py: the networks exactly as the trainers build them.
 
-On the issue's 128^3 plan Vivim treats axis 0 as time (T = 128 frames of 128 x 128, spec §5); its own clip-size
+On the issue's 128^3 plan Vivim treats axis 0 as time (T = 128 frames of 128 x 128, ARCHITECTURES.md §5); its own clip-size
 benchmark (5 x 256 x 256, frames per second) is benchmarks/benchmark_vivim.py.
 """
 from typing import Callable, Dict

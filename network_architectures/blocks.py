@@ -1,4 +1,4 @@
-"""Convolutional building blocks shared by the plugin's U-Net-shaped networks (spec §0.4).
+"""Convolutional building blocks shared by the plugin's U-Net-shaped networks (ARCHITECTURES.md §0.4).
 
 - ``BasicResBlock``: U-Mamba's residual block (two k-convs with bias, optional 1x1 shortcut, nonlin after the sum).
 - ``residual_stage``: one resolution level = ``BasicResBlock`` (carries the stride / channel change) followed by

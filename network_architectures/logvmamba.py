@@ -1,4 +1,4 @@
-"""LoG-VMamba (Dang, Nguyen, Tiulpin): local and global token extractors on a U-Mamba-Enc backbone (spec §3).
+"""LoG-VMamba (Dang, Nguyen, Tiulpin): local and global token extractors on a U-Mamba-Enc backbone (ARCHITECTURES.md §3).
 
 Pieces, smallest first
 ----------------------
@@ -98,7 +98,7 @@ class EvenInterleave:
 
 
 def even_interleave(n_spatial: int, n_global: int) -> EvenInterleave:
-    """Return the "even" interleave maps for L spatial and G global tokens (spec §3.3).
+    """Return the "even" interleave maps for L spatial and G global tokens (ARCHITECTURES.md §3.3).
 
     k = ceil(L/G), p = k + 1; the global slots are start, start + p, ... < L + G with
     start = ceil((G - floor(L/k)) / p) * p; the r = G - #slots remaining global tokens go first (positions
@@ -598,7 +598,7 @@ class VSSBlock(nn.Module):
 class LoGMambaLayer(nn.Module):
     """Per-stage wrapper on (B, C, *S) maps: VSSBlock on channels-last tokens, in fp32 with autocast off.
 
-    fp16 and bf16 inputs are cast to fp32 and the output stays fp32 (spec §0.6): Mamba overflows in fp16.
+    fp16 and bf16 inputs are cast to fp32 and the output stays fp32 (ARCHITECTURES.md §0.6): Mamba overflows in fp16.
     """
 
     def __init__(self, spec: LoGStageSpec, dim: int, d_state: int = 16, d_conv: int = 3, drop_path: float = 0.1,
@@ -654,7 +654,7 @@ class LoGVMambaDecoder(nn.Module):
 
 
 class LoGVMamba(nn.Module):
-    """LoG-VMamba segmentation network (2D/3D) for any nnU-Net plan with n >= 3 stages (spec §3.2, §3.4).
+    """LoG-VMamba segmentation network (2D/3D) for any nnU-Net plan with n >= 3 stages (ARCHITECTURES.md §3.2, §3.4).
 
     Arguments are the nnU-Net plan's (``n_stages`` etc. describe the plan, not the LoG stages). ``variant``
     picks the mixers: "LoG" (L / LoG / G roles), "L" (LTX only), "G" (GTX only). Always returns one tensor

@@ -1,4 +1,4 @@
-"""U-Mamba (Ma et al.): U-Mamba-Enc and U-Mamba-Bot, 2D and 3D, built from nnU-Net plans (spec §1).
+"""U-Mamba (Ma et al.): U-Mamba-Enc and U-Mamba-Bot, 2D and 3D, built from nnU-Net plans (ARCHITECTURES.md §1).
 
 Networks
 --------
@@ -113,7 +113,7 @@ class UMambaLayer(nn.Module):
 
     Patch-token mode: tokens are spatial positions (C order), d_model = C. Channel-token mode: tokens are the
     C channels and each token is the channel's flattened map, d_model = prod(S) (tied to the patch size).
-    The whole layer runs in fp32 with autocast off, because Mamba overflows under fp16 (spec §0.6, §6.4).
+    The whole layer runs in fp32 with autocast off, because Mamba overflows under fp16 (ARCHITECTURES.md §0.6, §6.4).
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, channel_token: bool = False,

@@ -1,4 +1,4 @@
-"""Vivim: video vision Mamba for medical video object segmentation (spec §4; Yang, Xing, Zhu).
+"""Vivim: video vision Mamba for medical video object segmentation (ARCHITECTURES.md §4; Yang, Xing, Zhu).
 
 A clip (B, Cin, T, H, W) is segmented frame by frame by a MiT-B3 (SegFormer) encoder whose four stages are each
 followed by Temporal Mamba Blocks (TMB) that mix the whole clip as one frame-major token sequence of length
@@ -234,7 +234,7 @@ class STMambaV3(nn.Module):
 
     Branch k has its own causal depthwise conv, x/dt projections, A and D (suffix "", "_b", "_s"); the three
     gated scan outputs are mapped back to frame-major order and averaged before ``out_proj``. Projections keep
-    PyTorch's default init here: the TMB layer re-initialises every Linear (spec §4.2).
+    PyTorch's default init here: the TMB layer re-initialises every Linear (ARCHITECTURES.md §4.2).
     """
 
     BRANCHES = ("", "_b", "_s")
@@ -328,7 +328,7 @@ class TemporalMambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the updated clip map (B, C, T, h, w) in fp32."""
-        # Mamba under fp16 autocast overflows (spec §0.6): the whole layer runs in fp32, autocast off.
+        # Mamba under fp16 autocast overflows (ARCHITECTURES.md §0.6): the whole layer runs in fp32, autocast off.
         return run_in_fp32(self._update, x.float())
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
@@ -434,7 +434,7 @@ def _init_segformer_module(module: nn.Module) -> None:
 class Vivim(nn.Module):
     """Vivim network: (B, Cin, T, H, W) clip -> (B, num_classes, T, H, W) logits for every frame.
 
-    Defaults are MiT-B3 with 2 TMB layers per stage (spec §4.2); the size arguments exist so that tests can
+    Defaults are MiT-B3 with 2 TMB layers per stage (ARCHITECTURES.md §4.2); the size arguments exist so that tests can
     build tiny networks. H and W must be multiples of the total patch stride (32 for MiT).
     """
 

@@ -121,7 +121,7 @@ def test_fp16_autocast_step_on_normalised_tokens_matches_fp32(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "mamba_ssm"])
 def test_fp32_mixer_policy_keeps_large_activations_finite_under_autocast(backend):
-    """Large activations (x30) overflow a bare Mamba layer in fp16, mamba_ssm's own module included (spec §0.6),
+    """Large activations (x30) overflow a bare Mamba layer in fp16, mamba_ssm's own module included (ARCHITECTURES.md §0.6),
     which is why the networks run their mixers through run_in_fp32: there the output and gradients stay finite."""
     if not get_backend(backend).available():
         pytest.skip(f"{backend} is not installed")

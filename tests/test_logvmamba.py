@@ -1,4 +1,4 @@
-"""LoG-VMamba geometry, mixers and networks on tiny CPU plans (spec §3, §5).
+"""LoG-VMamba geometry, mixers and networks on tiny CPU plans (ARCHITECTURES.md §3, §5).
 
 Geometry: the "even" interleave maps (exhaustively for small sizes, randomly for large ones, against the spec's
 rules re-stated here), the GTX grid (against the output shape of a real strided conv), and the §5 tables for the

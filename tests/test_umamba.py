@@ -1,4 +1,4 @@
-"""U-Mamba networks (spec §1): structure, block counts, channel tokens, parameter count, shapes, DS, dtypes."""
+"""U-Mamba networks (ARCHITECTURES.md §1): structure, block counts, channel tokens, parameter count, shapes, DS, dtypes."""
 import copy
 import math
 

@@ -1,4 +1,4 @@
-"""Vivim network (spec §4.2): shapes, gradients, state dicts, module layout, mixers, init, fp32 policy."""
+"""Vivim network (ARCHITECTURES.md §4.2): shapes, gradients, state dicts, module layout, mixers, init, fp32 policy."""
 import copy
 
 import pytest

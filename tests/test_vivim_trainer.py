@@ -1,4 +1,4 @@
-"""Vivim trainers (spec §4.1): plans adjustment, time-axis checks, in-plane augmentation, recipe, discovery."""
+"""Vivim trainers (ARCHITECTURES.md §4.1): plans adjustment, time-axis checks, in-plane augmentation, recipe, discovery."""
 import copy
 import math
 from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""LoG-VMamba trainers (spec §3.1): LoG-, L- and G-VMamba on nnU-Net's recipe, plus the paper's recipe.
+"""LoG-VMamba trainers (ARCHITECTURES.md §3.1): LoG-, L- and G-VMamba on nnU-Net's recipe, plus the paper's recipe.
 
 Default recipe: nnU-Net's (SGD, poly, 1000 epochs, fp16 AMP with the mixers in fp32, clip 12, nnU-Net loss)
 with deep supervision off: the network has a single full-resolution output, as the reference. Works for 2d and

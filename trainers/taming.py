@@ -1,6 +1,6 @@
 """Taming Mambas trainers: SegMamba, BiSegMamba, MultiSegMamba, SegMambaSkip.
 
-``nnUNetTrainer<Net>`` uses the reference recipe (spec architectures.md §2.1): RAdam(lr 3e-4, weight decay
+``nnUNetTrainer<Net>`` uses the reference recipe (ARCHITECTURES.md §2.1): RAdam(lr 3e-4, weight decay
 3e-5, coupled L2), cosine annealing to 5e-6 (SegMamba, SegMambaSkip: 1000 epochs; BiSegMamba: 300) or
 OneCycle (MultiSegMamba: 300 epochs, RAdam beta1 cycled); everything else is nnU-Net's default (fp16 AMP,
 clip 12, deep supervision, DC+CE, 250 iterations per epoch).

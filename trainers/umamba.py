@@ -1,4 +1,4 @@
-"""U-Mamba trainers (spec §1.1): nnU-Net's default recipe with U-Mamba-Enc / U-Mamba-Bot networks.
+"""U-Mamba trainers (ARCHITECTURES.md §1.1): nnU-Net's default recipe with U-Mamba-Enc / U-Mamba-Bot networks.
 
 Every configuration works (2d, 3d_lowres, 3d_fullres, cascade): the network follows the configuration's plan
 and patch size, the cascade only adds input channels. torch.compile stays off (inherited from the base: the

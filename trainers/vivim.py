@@ -1,4 +1,4 @@
-"""Vivim trainers for video clips stored as 3D images (frames, height, width): spec §4.1.
+"""Vivim trainers for video clips stored as 3D images (frames, height, width): ARCHITECTURES.md §4.1.
 
 Recipe [plugin decision]: trained from scratch (no pretrained weights can be downloaded), Adam(1e-4, betas
 0.9/0.999, no weight decay) with an epoch-indexed cosine to 1e-6 over nnU-Net's 1000 x 250 iterations, nnU-Net's
