@@ -34,11 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2_mamba.layers import run_in_fp32
+from nnunetv2_mamba.layers import (init_dt_projection_, run_in_fp32, selective_scan_branch, ssm_state_parameters,
+                                   state_matrix)
 from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, init_he, residual_stage
 from nnunetv2_mamba.network_architectures.umamba import UMambaEncoder, umamba_block_counts
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
-from nnunetv2_mamba.ssm import selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -465,19 +465,11 @@ class VSSScanMixer(nn.Module):
         # VMamba-style scan parameters with K = 1 direction (leading axis of size 1, as the reference).
         x_proj = nn.Linear(self.scan_channels, self.dt_rank + 2 * self.d_state, bias=False)  # default init
         self.x_proj_weight = nn.Parameter(x_proj.weight.detach().clone().unsqueeze(0))
-        dt_init_std = self.dt_rank ** -0.5
-        self.dt_projs_weight = nn.Parameter(
-            torch.empty(1, self.scan_channels, self.dt_rank).uniform_(-dt_init_std, dt_init_std))
-        # softplus(bias) = dt with dt log-uniform in [dt_min, dt_max]: the Mamba initialisation of Delta.
-        dt = torch.exp(torch.rand(self.scan_channels) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_projs_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).unsqueeze(0))
-        self.dt_projs_bias._no_reinit = True
-        a_init = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.scan_channels, 1)
-        self.A_logs = nn.Parameter(torch.log(a_init))
-        self.A_logs._no_weight_decay = True
-        self.Ds = nn.Parameter(torch.ones(self.scan_channels))
-        self.Ds._no_weight_decay = True
+        self.dt_projs_weight = nn.Parameter(torch.empty(1, self.scan_channels, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(1, self.scan_channels))
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias, dt_min=dt_min, dt_max=dt_max,
+                            dt_init_floor=dt_init_floor)
+        self.A_logs, self.Ds = ssm_state_parameters(self.scan_channels, self.d_state)
 
         if self.local_tokens:
             self.fold = nn.Linear(self.scan_channels, self.d_inner, bias=False)
@@ -509,13 +501,8 @@ class VSSScanMixer(nn.Module):
 
     def _scan(self, sequence: torch.Tensor) -> torch.Tensor:
         """Return the forward selective scan (B, Dseq, L') of the sequence (B, Dseq, L')."""
-        projected = torch.einsum("bdl,cd->bcl", sequence, self.x_proj_weight[0])
-        delta_low_rank, b_matrix, c_matrix = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], 1)
-        delta = torch.einsum("brl,dr->bdl", delta_low_rank, self.dt_projs_weight[0])
-        return selective_scan(sequence.float(), delta.float().contiguous(), -torch.exp(self.A_logs.float()),
-                              b_matrix.float().contiguous(), c_matrix.float().contiguous(), D=self.Ds.float(),
-                              z=None, delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True,
-                              backend=self.backend)
+        return selective_scan_branch(sequence, state_matrix(self.A_logs), self.x_proj_weight[0],
+                                     self.dt_projs_weight[0], self.dt_projs_bias[0], self.Ds, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the mixed channels-last tokens (B, *S, C) of x (B, *S, C)."""

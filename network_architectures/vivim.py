@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 
 from nnunetv2_mamba.layers import (Mamba, combine, frame_deinterleave, frame_interleave, from_tokens,
-                                   run_frames_reversed, run_in_fp32, run_reversed, to_tokens)
+                                   run_frames_reversed, run_in_fp32, run_reversed, selective_scan_branch,
+                                   ssm_state_parameters, state_matrix, to_tokens)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
-from nnunetv2_mamba.ssm import selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -253,13 +253,8 @@ class STMambaV3(nn.Module):
                                                        groups=self.d_inner, padding=self.d_conv - 1, bias=True))
             setattr(self, f"x_proj{suffix}", nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False))
             setattr(self, f"dt_proj{suffix}", nn.Linear(self.dt_rank, self.d_inner, bias=True))
-            # S4D-real init A[d, n] = -(n + 1), stored as log so that A stays negative.
-            a_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)
-                                           .repeat(self.d_inner, 1)))
-            a_log._no_weight_decay = True
+            a_log, skip = ssm_state_parameters(self.d_inner, self.d_state)
             setattr(self, f"A{suffix}_log", a_log)
-            skip = nn.Parameter(torch.ones(self.d_inner))
-            skip._no_weight_decay = True
             setattr(self, f"D{suffix}", skip)
 
     def _scan_branch(self, xz: torch.Tensor, suffix: str) -> torch.Tensor:
@@ -268,11 +263,8 @@ class STMambaV3(nn.Module):
         x, z = xz.transpose(1, 2).chunk(2, dim=1)
         length = x.shape[-1]
         x = F.silu(conv(x)[..., :length])
-        dt, b, c = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # the bias is added (before softplus) in the scan
-        a = -torch.exp(getattr(self, f"A{suffix}_log").float())
-        y = selective_scan(x, dt, a, b.transpose(1, 2), c.transpose(1, 2), D=getattr(self, f"D{suffix}").float(),
-                           z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend)
+        y = selective_scan_branch(x, state_matrix(getattr(self, f"A{suffix}_log")), x_proj.weight, dt_proj.weight,
+                                  dt_proj.bias, getattr(self, f"D{suffix}"), z=z, backend=self.backend)
         return y.transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor, nframes: int) -> torch.Tensor:
