@@ -1,7 +1,7 @@
 """MiT (Mix Transformer) encoder and SegFormer all-MLP head (Xie et al., SegFormer, NeurIPS 2021).
 
 Generic 2D pieces, applied to every frame independently by Vivim (ARCHITECTURES.md §4.2); the module names
-follow the HuggingFace SegFormer layout so that the reference's checkpoints map 1:1:
+follow the HuggingFace SegFormer layout:
 
 - ``OverlapPatchEmbedding``: strided Conv2d + LayerNorm;
 - ``MiTLayer``: ``MiTAttention`` (``EfficientSelfAttention`` with spatial reduction, ``SelfOutput``) and

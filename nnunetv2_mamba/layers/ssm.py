@@ -1,7 +1,7 @@
 """The selective state-space core shared by every mixer: parameter initialisation and the scan branch.
 
 Every mixer (``Mamba``, LoG-VMamba's ``VSSScanMixer``, Vivim's ``STMambaV3``) owns its projections under its own
-names and layout; these helpers hold the maths they share (ARCHITECTURES.md §0.5, the Mamba paper §3.6):
+names and layout; these helpers hold the maths they share (ARCHITECTURES.md §0.5; Gu and Dao, Mamba):
 
 - ``init_dt_projection_``: Delta's projection, dt = softplus(W dt_low_rank + b), with W uniform (or constant)
   of scale dt_rank^-0.5 and b the inverse softplus of a log-uniform dt in [dt_min, dt_max];
