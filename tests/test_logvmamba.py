@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_mamba.network_architectures.logvmamba import (
-    GRID_CONV_GEOMETRY, DropPath, LocalGlobalTokenMixer, LocalTokenMixer, GlobalTokenMixer, LoGMambaLayer,
-    LoGVMamba, NeighbourUnfold, VanillaScanMixer, build_logvmamba, even_interleave, global_grid_conv_geometry,
-    global_grid_size, global_grid_stride, logvmamba_topology, make_stage_spec)
+from nnunetv2_mamba.network_architectures.logvmamba import LoGVMamba, build_logvmamba
+from nnunetv2_mamba.network_architectures.logvmamba_geometry import (
+    GRID_CONV_GEOMETRY, even_interleave, global_grid_conv_geometry, global_grid_size, global_grid_stride,
+    logvmamba_topology, make_stage_spec)
+from nnunetv2_mamba.network_architectures.logvmamba_mixers import (
+    LocalGlobalTokenMixer, LocalTokenMixer, GlobalTokenMixer, LoGMambaLayer, NeighbourUnfold, VanillaScanMixer,
+    VSSBlock)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
 NORM = {2: "torch.nn.modules.instancenorm.InstanceNorm2d", 3: "torch.nn.modules.instancenorm.InstanceNorm3d"}
@@ -258,8 +261,8 @@ def test_unfold_equals_explicit_neighbour_gather(dim):
             assert torch.equal(out[:, c * 3 ** dim + s], window[:, c])
 
 
-def test_drop_path_masks_whole_samples_and_rescales():
-    drop = DropPath(0.5)
+def test_block_drop_path_masks_whole_samples_and_rescales():
+    drop = VSSBlock(2, nn.Identity(), drop_path=0.5).drop_path
     x = torch.ones(64, 3, 2)
     drop.eval()
     assert torch.equal(drop(x), x)
@@ -270,6 +273,12 @@ def test_drop_path_masks_whole_samples_and_rescales():
     assert set(per_sample.unique().tolist()) <= {0.0, 2.0}
     assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # one decision per sample
     assert 0 < (per_sample[:, 0] == 0).sum() < 64
+
+
+@pytest.mark.parametrize("drop_path", [-0.1, 1.0])
+def test_block_rejects_a_drop_path_outside_zero_one(drop_path):
+    with pytest.raises(ValueError, match=r"drop_path must be in \[0, 1\)"):
+        VSSBlock(2, nn.Identity(), drop_path=drop_path)
 
 
 def sequential_scan(u, delta, A, B, C, D):

@@ -3,8 +3,9 @@ of the mamba_ssm and torch backends on every mixer form, and the full 128^3 plan
 import pytest
 import torch
 
-from nnunetv2_mamba.network_architectures.logvmamba import (LocalGlobalTokenMixer, LocalTokenMixer,
-                                                            GlobalTokenMixer, VanillaScanMixer, build_logvmamba)
+from nnunetv2_mamba.network_architectures.logvmamba import build_logvmamba
+from nnunetv2_mamba.network_architectures.logvmamba_mixers import (LocalGlobalTokenMixer, LocalTokenMixer,
+                                                                   GlobalTokenMixer, VanillaScanMixer)
 from nnunetv2_mamba.plans import NetworkPlan
 from nnunetv2_mamba.ssm import get_backend
 from nnunetv2_mamba.trainers.logvmamba import (nnUNetTrainerGVMamba, nnUNetTrainerLoGVMamba,

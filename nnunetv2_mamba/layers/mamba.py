@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2_mamba.ssm.scan import select_backend, selective_scan
+from nnunetv2_mamba.layers.ssm import (init_dt_projection_, selective_scan_branch, ssm_state_parameters,
+                                      state_matrix)
+from nnunetv2_mamba.ssm.scan import select_backend
 
 
 class Mamba(nn.Module):
@@ -40,28 +42,10 @@ class Mamba(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory)
 
-        # dt_proj: weights scaled so that the initial Delta has unit-ish variance; the bias is chosen so that
-        # softplus(bias) = dt, with dt log-uniform in [dt_min, dt_max] (the S4D/Mamba initialisation).
-        dt_init_std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, dt_init_std)
-        elif dt_init == "random":
-            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
-        else:
-            raise ValueError(f"dt_init must be 'random' or 'constant'; got {dt_init!r}.")
-        dt = torch.exp(torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        inverse_softplus_dt = dt + torch.log(-torch.expm1(-dt))
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(inverse_softplus_dt)
-        self.dt_proj.bias._no_reinit = True  # tells mamba-style init helpers to leave it alone
-
-        # S4D-real initialisation: A[d, n] = -(n + 1), stored as log so that A stays negative.
-        a_init = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(a_init))
-        self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
-        self.D._no_weight_decay = True
+        # S4D/Mamba initialisation of Delta's projection, A and D (layers/ssm.py), after the default-initialised
+        # Linear layers so that the random numbers are drawn in mamba_ssm's order.
+        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
+        self.A_log, self.D = ssm_state_parameters(self.d_inner, self.d_state, device)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Return the mixed tokens (batch, length, d_model)."""
@@ -69,7 +53,7 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba expects tokens (batch, length, {self.d_model}); "
                              f"got shape {tuple(hidden_states.shape)}.")
         batch, length, _ = hidden_states.shape
-        A = -torch.exp(self.A_log.float())
+        A = state_matrix(self.A_log)
         backend = select_backend(hidden_states, A, self.backend)
         # causal-conv1d's kernels (and so the fused paths) handle conv widths 2 to 4.
         fusable = 2 <= self.d_conv <= 4
@@ -91,11 +75,8 @@ class Mamba(nn.Module):
         else:
             x = F.silu(self.conv1d(x)[..., :length])
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, length, dt_rank + 2 * d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
-        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=backend.name)
+        y = selective_scan_branch(x, A, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.D, z=z,
+                                  backend=backend.name)
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:
