@@ -1,0 +1,70 @@
+"""Registration object for the sequence-parallel Triton scan (``triton_scan.py``): no compiled extension.
+
+Available when Triton imports and a CUDA device is visible, or, for the CPU tests, when
+``TRITON_INTERPRET=1`` was set before Triton was imported (the kernels then run in Triton's interpreter on
+CPU tensors, slowly).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from nnunetv2_mamba.ssm.backends.base import ScanBackend
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The (channels, d_state, tokens) tiles live in registers; beyond 64 states they spill.
+MAX_D_STATE = 64
+# "Automatic choice by shape": on short sequences with many channels the chunks give too little parallel
+# work and mamba_ssm's one-pass kernel is faster (measured, benchmarks/TRITON_NOTES.md).
+SHORT_SEQUENCE, MANY_CHANNELS = 4096, 512
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_triton_scan():
+    """Return (selective_scan_triton, None) or (None, why Triton could not be imported)."""
+    try:
+        from nnunetv2_mamba.ssm.backends.triton_scan import selective_scan_triton
+    except Exception as error:  # ImportError, or a broken Triton install
+        return None, (f"triton could not be imported ({type(error).__name__}: {error}). It ships with CUDA "
+                      "builds of torch; reinstall torch from the CUDA wheel index or `pip install triton`.")
+    return selective_scan_triton, None
+
+
+class TritonBackend(ScanBackend):
+    name = "triton"
+    description = ("sequence-parallel Triton kernels (CUDA tensors, fp32/fp16/bf16, d_state <= "
+                   f"{MAX_D_STATE}; no compiled extension)")
+
+    def unavailable_reason(self) -> Optional[str]:
+        _, reason = _import_triton_scan()
+        if reason is None and not torch.cuda.is_available() and not _interpreting():
+            return "triton is installed but no CUDA device is visible."
+        return reason
+
+    def unsupported_reason(self, u: torch.Tensor, A: torch.Tensor) -> Optional[str]:
+        if u.device.type != "cuda" and not (_interpreting() and u.device.type == "cpu"):
+            return (f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+                    f"got a tensor on {u.device}. Use backend='torch' for CPU tensors.")
+        if u.dtype not in _DTYPES:
+            return f"the triton backend supports fp32/fp16/bf16 inputs; got {u.dtype}. Use backend='torch'."
+        if A.shape[1] > MAX_D_STATE:
+            return (f"the triton backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}. "
+                    "Use backend='mamba_ssm' or 'torch'.")
+        return None
+
+    def preferred_for(self, u: torch.Tensor, A: torch.Tensor) -> bool:
+        """Return False where another backend is known to be faster (short sequences, many channels)."""
+        return not (u.shape[-1] <= SHORT_SEQUENCE and u.shape[1] >= MANY_CHANNELS)
+
+    def scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+             return_last_state=False):
+        selective_scan_triton, _ = _import_triton_scan()
+        return selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus, return_last_state=return_last_state)

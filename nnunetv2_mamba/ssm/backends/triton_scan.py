@@ -1,0 +1,562 @@
+"""Sequence-parallel selective scan in Triton: forward and backward kernels plus the autograd Function.
+
+Math (mamba_ssm ``selective_scan_fn`` semantics), per batch b, channel d and state n:
+
+    delta_t = softplus(delta_t + delta_bias)            (if delta_softplus)
+    h_t     = a_t * h_{t-1} + delta_t * B_t * u_t,       a_t = exp(delta_t * A)
+    y_t     = sum_n C_t * h_t + D * u_t
+    out_t   = y_t * silu(z_t)                              (if z is given)
+
+The sequence is cut into chunks of T tokens, and every chunk of every (batch, channel block) is a program of
+its own, so a 2-million-token sequence with 64 channels keeps the whole GPU busy (one block per channel that
+walks the sequence would fill only batch x channels multiprocessors). Forward, three launches:
+
+1. ``_chunk_end_state_kernel``: each chunk's end state from a zero start, and its summed delta (the chunk's
+   total decay is exp(A * sum delta), so only the sum is stored). The end state is a weighted sum, not a
+   scan: h_end = sum_t exp(A * sum_{s>t} delta_s) * delta_t B_t u_t.
+2. ``_chunk_carry_kernel``: the states entering the chunks, H_{k+1} = exp(A sum_k delta) H_k + E_k, solved
+   with ``tl.associative_scan`` over blocks of chunks and a carry between blocks (one short loop of
+   K / CHUNK_BLOCK steps per (batch, state lane) instead of K serial steps).
+3. ``_chunk_output_kernel``: each chunk rescanned from its entering state (associative scan over the tokens of
+   a (channels, d_state, T) tile), y with the D skip and the z gate fused, written in u's dtype.
+
+The chunk-entering states (B, K + 1, D, N) in fp32 are all the backward pass keeps besides the inputs: for
+N = 16 and T = 64 they are a quarter of u's size, less than the ``out`` tensor mamba_ssm keeps for its
+backward. Backward, three launches with the same structure, run against time:
+
+1. ``_chunk_adjoint_kernel``: the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} of each chunk from a zero end,
+   reduced to what the chunk passes to the one before it: Q_k = sum_t exp(A * sum_{s<=t} delta_s) C_t dy_t.
+2. ``_chunk_carry_kernel`` again, walking the chunks backwards (negative chunk stride).
+3. ``_chunk_grad_kernel``: states rescanned forwards and adjoints backwards inside each chunk, then all the
+   gradients. a_t h_{t-1} = h_t - delta_t B_t u_t gives the previous state without a division.
+
+exp is computed as exp2 with A pre-multiplied by log2(e). All arithmetic is fp32 whatever the input dtype.
+Reductions over tokens (dA, dD, d delta_bias, time-invariant dB/dC) go to per-(batch, chunk) partial
+buffers summed by torch; the B/C gradients of shared/grouped B/C are summed over a program's channels in
+registers and written once, with fp32 atomics only when a group's channels are split over several programs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
+
+# Tokens per chunk, channels per tile and warps; NNUNETV2_MAMBA_TRITON_CHUNK forces the chunk (tests use it
+# to get many chunks out of short sequences).
+DEFAULT_CHUNK = 16
+DEFAULT_BLOCK_D = 8
+DEFAULT_WARPS = 4
+CHUNK_BLOCK = 256  # chunks per associative scan in _chunk_carry_kernel
+CARRY_LANES = 16  # state lanes (d, n) per program in _chunk_carry_kernel
+# Programs below which the channels of a group are split over several programs (atomics for dB/dC).
+MIN_PROGRAMS = 1024
+
+
+@triton.jit
+def _first_order_combine(a_left, b_left, a_right, b_right):
+    # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _load_tokens(ptr, s_b, s_d, s_l, b, d, t, mask):
+    """Load a (T, BLOCK_D) tile of a (batch, channels, length) tensor read through its strides, as fp32."""
+    return tl.load(ptr + b * s_b + t[:, None] * s_l + d[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_delta(dt_ptr, s_b, s_d, s_l, bias_ptr, b, d, t, d_mask, mask,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Return (delta after bias and softplus, delta before softplus); 0 on masked tokens (no decay, no drive)."""
+    raw = _load_tokens(dt_ptr, s_b, s_d, s_l, b, d, t, mask)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _load_bc(ptr, s0, s1, s2, s3, b, group, d, n, t, d_mask, n_mask, t_mask, VARIABLE: tl.constexpr):
+    """Return B or C as a tile broadcastable to (T, BLOCK_D, N): (T, 1, N) if variable, else (1, BLOCK_D, N).
+
+    Variable: element (b, group, n, t) at b*s0 + group*s1 + n*s2 + t*s3. Time-invariant: (d, n) at d*s0 + n*s1.
+    """
+    if VARIABLE:
+        offs = b * s0 + group * s1 + t[:, None] * s3 + n[None, :] * s2
+        tile = tl.load(ptr + offs, mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        return tile[:, None, :]
+    else:
+        offs = d[:, None] * s0 + n[None, :] * s1
+        tile = tl.load(ptr + offs, mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        return tile[None, :, :]
+
+
+# Tiles are (T, BLOCK_D, N) with the tokens first: with BLOCK_D * N threads, Triton's default layout gives each
+# thread one (channel, state) lane and all T tokens of it, so the scans along the tokens run inside a thread
+# (no shuffles); only the sums over the states cross lanes.
+
+
+@triton.jit
+def _chunk_end_state_kernel(
+        u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
+        B_ptr, sB0, sB1, sB2, sB3,
+        end_ptr, dtsum_ptr,
+        D, L, K, channels_per_group, blocks_per_program,
+        N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+        B_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    t = k.to(tl.int64) * T + tl.arange(0, T)
+    t_mask = t < L
+    n = tl.arange(0, N_PAD)
+    n_mask = n < N
+    for block in range(blocks_per_program):
+        d_start = (split * blocks_per_program + block) * BLOCK_D
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = t_mask[:, None] & d_mask[None, :]
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+        u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
+        dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
+                      t_mask, B_VARIABLE)
+        decay, state = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), (dt * u)[:, :, None] * Bt),
+                                           0, _first_order_combine)
+        end = tl.sum(tl.where((tl.arange(0, T) == T - 1)[:, None, None], state, 0.0), axis=0)  # (BLOCK_D, N_PAD)
+        row = (b * K + k) * D
+        tl.store(end_ptr + (row + d[:, None]) * N + n[None, :], end, mask=dn_mask)
+        tl.store(dtsum_ptr + row + d, tl.sum(dt, axis=0), mask=d_mask)
+
+
+@triton.jit
+def _chunk_carry_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, K, D, first_in, step_in, first_out, step_out,
+                        N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr):
+    """out[j + 1] = exp2(A2 * dtsum[j]) * out[j] + local[j] over chunks j (physical index first + j * step).
+
+    local: (batch, K, D * N); dtsum: (batch, K, D); out: (batch, K + 1, D * N); out's first slot gets 0.
+    """
+    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    b = tl.program_id(1).to(tl.int64)
+    lanes_total = D * N
+    lane_mask = lane < lanes_total
+    A2 = tl.load(A2_ptr + lane, mask=lane_mask, other=0.0)
+    channel = lane // N
+    carry = tl.zeros([LANES], dtype=tl.float32)
+    out_base = out_ptr + b * (K + 1) * lanes_total
+    tl.store(out_base + first_out * lanes_total + lane, carry, mask=lane_mask)
+    rows = tl.arange(0, CHUNKS)
+    for j0 in range(0, K, CHUNKS):
+        j = j0 + rows
+        mask = (j < K)[:, None] & lane_mask[None, :]
+        k_in = (first_in + j * step_in).to(tl.int64)
+        local = tl.load(local_ptr + (b * K + k_in)[:, None] * lanes_total + lane[None, :], mask=mask, other=0.0)
+        dtsum = tl.load(dtsum_ptr + (b * K + k_in)[:, None] * D + channel[None, :], mask=mask, other=0.0)
+        decay = tl.exp2(dtsum * A2[None, :])  # masked chunks: decay 1, local 0, the state passes unchanged
+        decay_run, state = tl.associative_scan((decay, local), 0, _first_order_combine)
+        state = state + decay_run * carry[None, :]
+        k_out = (first_out + (j + 1) * step_out).to(tl.int64)
+        tl.store(out_base + k_out[:, None] * lanes_total + lane[None, :], state, mask=mask)
+        carry = tl.sum(tl.where((rows == CHUNKS - 1)[:, None], state, 0.0), axis=0)
+
+
+@triton.jit
+def _chunk_output_kernel(
+        u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
+        B_ptr, sB0, sB1, sB2, sB3, C_ptr, sC0, sC1, sC2, sC3,
+        D_ptr, z_ptr, sz_b, sz_d, sz_l, start_ptr,
+        out_ptr, so_b, so_d, so_l,
+        D, L, K, channels_per_group, blocks_per_program,
+        N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+        B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    t = k.to(tl.int64) * T + tl.arange(0, T)
+    t_mask = t < L
+    n = tl.arange(0, N_PAD)
+    n_mask = n < N
+    for block in range(blocks_per_program):
+        d_start = (split * blocks_per_program + block) * BLOCK_D
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = t_mask[:, None] & d_mask[None, :]
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+        group = d_start // channels_per_group
+        u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
+        dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
+        Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
+        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), (dt * u)[:, :, None] * Bt),
+                                           0, _first_order_combine)
+        if HAS_START:
+            h0 = tl.load(start_ptr + ((b * (K + 1) + k) * D + d[:, None]) * N + n[None, :], mask=dn_mask,
+                         other=0.0)
+            h += decay_run * h0[None, :, :]
+        y = tl.sum(h * Ct, axis=2)  # (T, BLOCK_D)
+        if HAS_D:
+            y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] * u
+        if HAS_Z:
+            zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
+            y *= zv / (1.0 + tl.exp(-zv))
+        tl.store(out_ptr + b * so_b + t[:, None] * so_l + d[None, :] * so_d,
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_adjoint_kernel(
+        dout_ptr, sg_b, sg_d, sg_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
+        C_ptr, sC0, sC1, sC2, sC3, z_ptr, sz_b, sz_d, sz_l,
+        adj_ptr, dtsum_ptr,
+        D, L, K, channels_per_group, blocks_per_program,
+        N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+        C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    t = k.to(tl.int64) * T + tl.arange(0, T)
+    t_mask = t < L
+    n = tl.arange(0, N_PAD)
+    n_mask = n < N
+    for block in range(blocks_per_program):
+        d_start = (split * blocks_per_program + block) * BLOCK_D
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = t_mask[:, None] & d_mask[None, :]
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+        dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
+        if HAS_Z:
+            zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
+            dy *= zv / (1.0 + tl.exp(-zv))
+        dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
+                      t_mask, C_VARIABLE)
+        # Q = sum_t (a_{s_k} ... a_t) C_t dy_t: a forward scan whose running decay is that product.
+        decay = tl.exp2(A2[None, :, :] * dt[:, :, None])
+        decay_run, _ = tl.associative_scan((decay, tl.zeros_like(decay)), 0, _first_order_combine)
+        adj = tl.sum(decay_run * Ct * dy[:, :, None], axis=0)
+        tl.store(adj_ptr + ((b * K + k) * D + d[:, None]) * N + n[None, :], adj, mask=dn_mask)
+        tl.store(dtsum_ptr + (b * K + k) * D + d, tl.sum(dt, axis=0), mask=d_mask)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+        u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
+        B_ptr, sB0, sB1, sB2, sB3, C_ptr, sC0, sC1, sC2, sC3,
+        D_ptr, z_ptr, sz_b, sz_d, sz_l, dout_ptr, sg_b, sg_d, sg_l,
+        start_ptr, carry_ptr,
+        du_ptr, ddt_ptr, dz_ptr,  # (batch, D, L) contiguous
+        dB_ptr, dC_ptr,  # variable: fp32 (batch, G, N, L) contiguous; time-invariant: partial (batch * K, D, N)
+        dA_ptr, dD_ptr, dbias_ptr,  # partial sums: (batch * K, D, N), (batch * K, D), (batch * K, D)
+        D, L, K, channels_per_group, blocks_per_program, groups,
+        N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+        B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr, BC_ATOMIC: tl.constexpr):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    t = k.to(tl.int64) * T + tl.arange(0, T)
+    t_mask = t < L
+    t_next = t + 1
+    next_mask_t = (t_next < L) & (tl.arange(0, T) < T - 1)  # a_{t+1} inside this chunk; 1 at its end
+    n = tl.arange(0, N_PAD)
+    n_mask = n < N
+    tn_mask = t_mask[:, None] & n_mask[None, :]
+    dB_acc = tl.zeros([T, N_PAD], dtype=tl.float32)
+    dC_acc = tl.zeros([T, N_PAD], dtype=tl.float32)
+    group = (split * blocks_per_program * BLOCK_D) // channels_per_group
+    for block in range(blocks_per_program):
+        d_start = (split * blocks_per_program + block) * BLOCK_D
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = t_mask[:, None] & d_mask[None, :]
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+        u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
+        dt, raw = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
+        Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
+        dout = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
+
+        # States, recomputed from the chunk's entering state.
+        dtu = dt * u
+        drive = dtu[:, :, None] * Bt
+        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), drive), 0,
+                                           _first_order_combine)
+        if HAS_START:
+            h0 = tl.load(start_ptr + ((b * (K + 1) + k) * D + d[:, None]) * N + n[None, :], mask=dn_mask,
+                         other=0.0)
+            h += decay_run * h0[None, :, :]
+        decayed_prev = h - drive  # a_t * h_{t-1}
+
+        y = tl.sum(h * Ct, axis=2)
+        if HAS_D:
+            D_val = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+            y += D_val[None, :] * u
+        out_offs = (b * D + d[None, :]) * L + t[:, None]
+        if HAS_Z:
+            zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
+            sig = 1.0 / (1.0 + tl.exp(-zv))
+            dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            dy = dout * zv * sig
+        else:
+            dy = dout
+
+        # Adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, scanned backwards from the carry of the later chunks.
+        next_mask = next_mask_t[:, None] & d_mask[None, :]
+        dt_next, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t_next, d_mask, next_mask,
+                                 HAS_BIAS, SOFTPLUS)
+        decay_after, g = tl.associative_scan((tl.exp2(A2[None, :, :] * dt_next[:, :, None]), Ct * dy[:, :, None]),
+                                             0, _first_order_combine, reverse=True)
+        carry = tl.load(carry_ptr + ((b * (K + 1) + k + 1) * D + d[:, None]) * N + n[None, :], mask=dn_mask,
+                        other=0.0)
+        g += decay_after * carry[None, :, :]
+
+        A_nat = A2 * LN2
+        gB = tl.sum(g * Bt, axis=2)  # (T, BLOCK_D)
+        g_prev = g * decayed_prev
+        du = dt * gB
+        if HAS_D:
+            du += D_val[None, :] * dy
+        ddt = tl.sum(g_prev * A_nat[None, :, :], axis=2) + u * gB
+        if SOFTPLUS:
+            ddt = ddt / (1.0 + tl.exp(-raw))
+        ddt = tl.where(mask, ddt, 0.0)
+        tl.store(du_ptr + out_offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddt_ptr + out_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+
+        part_dn = ((b * K + k) * D + d[:, None]) * N + n[None, :]
+        tl.store(dA_ptr + part_dn, tl.sum(g_prev * dt[:, :, None], axis=0), mask=dn_mask)
+        part_d = (b * K + k) * D + d
+        if HAS_D:
+            tl.store(dD_ptr + part_d, tl.sum(dy * u, axis=0), mask=d_mask)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part_d, tl.sum(ddt, axis=0), mask=d_mask)
+        if B_VARIABLE:
+            dB_acc += tl.sum(g * dtu[:, :, None], axis=1)
+        else:
+            tl.store(dB_ptr + part_dn, tl.sum(g * dtu[:, :, None], axis=0), mask=dn_mask)
+        if C_VARIABLE:
+            dC_acc += tl.sum(h * dy[:, :, None], axis=1)
+        else:
+            tl.store(dC_ptr + part_dn, tl.sum(h * dy[:, :, None], axis=0), mask=dn_mask)
+
+    bc_offs = ((b * groups + group) * N + n[None, :]) * L + t[:, None]
+    if B_VARIABLE:
+        if BC_ATOMIC:
+            tl.atomic_add(dB_ptr + bc_offs, dB_acc, mask=tn_mask)
+        else:
+            tl.store(dB_ptr + bc_offs, dB_acc, mask=tn_mask)
+    if C_VARIABLE:
+        if BC_ATOMIC:
+            tl.atomic_add(dC_ptr + bc_offs, dC_acc, mask=tn_mask)
+        else:
+            tl.store(dC_ptr + bc_offs, dC_acc, mask=tn_mask)
+
+
+def _bc_layout(mat: torch.Tensor):
+    """Return (variable, groups, four strides) describing B or C for the kernels."""
+    if mat.dim() == 2:
+        return False, 1, (mat.stride(0), mat.stride(1), 0, 0)
+    if mat.dim() == 3:
+        return True, 1, (mat.stride(0), 0, mat.stride(1), mat.stride(2))
+    return True, mat.shape[1], tuple(mat.stride())
+
+
+def _largest_power_of_two_dividing(value: int, cap: int) -> int:
+    block = 1
+    while block * 2 <= cap and value % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+class _Plan:
+    """Launch geometry shared by the forward and backward passes of one call."""
+
+    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps):
+        self.chunk = chunk
+        self.n_chunks = triton.cdiv(length, chunk)
+        self.d_state_padded = triton.next_power_of_2(d_state)
+        # Channel blocks must not straddle a B/C group (one B/C tile per block).
+        per_group = channels // groups
+        self.block_d = block_d if groups == 1 else _largest_power_of_two_dividing(per_group, block_d)
+        self.channels_per_group = per_group if groups > 1 else max(channels, 1)
+        blocks = triton.cdiv(channels, self.block_d)
+        blocks_per_group = blocks if groups == 1 else per_group // self.block_d
+        # One program per (chunk, batch, group) shares a B/C tile over all the group's channels and writes
+        # dB/dC once; short sequences split the group over several programs to keep the GPU busy.
+        splits = 1
+        while (batch * self.n_chunks * groups * splits < MIN_PROGRAMS and splits < blocks_per_group
+               and blocks_per_group % (splits * 2) == 0):
+            splits *= 2
+        self.blocks_per_program = triton.cdiv(blocks_per_group, splits)
+        self.splits_per_group = splits
+        self.grid = (self.n_chunks, batch, groups * splits if groups > 1 else triton.cdiv(blocks, self.blocks_per_program))
+        self.atomic = splits > 1
+        self.warps = warps
+
+
+def _config(chunk, block_d, warps):
+    forced = os.environ.get("NNUNETV2_MAMBA_TRITON_CHUNK")
+    chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
+    if chunk < 2 or chunk & (chunk - 1):
+        raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
+    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS
+
+
+def _token_strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, keep_states: bool):
+    batch, channels, length = u.shape
+    d_state = A2.shape[1]
+    K = plan.n_chunks
+    b_var, groups, sB = _bc_layout(B)
+    c_var, _, sC = _bc_layout(C)
+    dummy = A2  # any valid pointer for absent optional tensors
+    common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
+                  num_warps=plan.warps)
+    dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
+    starts = None
+    if K > 1 or keep_states:
+        ends = torch.empty(batch, K, channels, d_state, device=u.device, dtype=torch.float32)
+        _chunk_end_state_kernel[plan.grid](
+            u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
+            B, *sB, ends, dtsum, channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+            B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, **common)
+        starts = torch.empty(batch, K + 1, channels, d_state, device=u.device, dtype=torch.float32)
+        _carry(ends, dtsum, A2, starts, forward=True)
+        del ends
+    out = torch.empty(batch, channels, length, device=u.device, dtype=u.dtype)
+    _chunk_output_kernel[plan.grid](
+        u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
+        B, *sB, C, *sC, dummy if D is None else D, dummy if z is None else z,
+        *(_token_strides(z) if z is not None else (0, 0, 0)), dummy if starts is None else starts,
+        out, *_token_strides(out), channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+        B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, **common)
+    return out, starts
+
+
+def _carry(local, dtsum, A2, out, forward: bool):
+    batch, K, channels, d_state = local.shape
+    grid = (triton.cdiv(channels * d_state, CARRY_LANES), batch)
+    first_in, step_in, first_out, step_out = (0, 1, 0, 1) if forward else (K - 1, -1, K, -1)
+    _chunk_carry_kernel[grid](local, dtsum, A2, out, K, channels, first_in, step_in, first_out, step_out,
+                              N=d_state, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK, num_warps=4)
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, warps):
+        batch, channels, length = u.shape
+        groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
+        plan = _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps))
+        A2 = (A.detach().float() * LOG2E).contiguous()
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            out, starts = _scan_forward(u, delta, A2, B, C, D, z, delta_bias, delta_softplus, plan,
+                                        keep_states=True)
+        last_state = starts[:, -1].clone()
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
+        ctx.plan, ctx.delta_softplus = plan, delta_softplus
+        ctx.mark_non_differentiable(last_state)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_state):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        batch, channels, length = u.shape
+        d_state = A.shape[1]
+        K = plan.n_chunks
+        A2 = (A.float() * LOG2E).contiguous()
+        b_var, groups, sB = _bc_layout(B)
+        c_var, _, sC = _bc_layout(C)
+        dummy = A2
+        common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
+                      num_warps=plan.warps)
+        bias = dummy if delta_bias is None else delta_bias
+        z_strides = _token_strides(z) if z is not None else (0, 0, 0)
+        dev = u.device
+        with torch.autocast(device_type=dev.type, enabled=False):
+            # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
+            dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
+            adj = torch.empty(batch, K, channels, d_state, device=dev, dtype=torch.float32)
+            _chunk_adjoint_kernel[plan.grid](
+                grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
+                dummy if z is None else z, *z_strides, adj, dtsum,
+                channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+                C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
+                HAS_Z=z is not None, **common)
+            carries = torch.empty(batch, K + 1, channels, d_state, device=dev, dtype=torch.float32)
+            _carry(adj, dtsum, A2, carries, forward=False)
+            del adj
+
+            du = torch.empty(batch, channels, length, device=dev, dtype=u.dtype)
+            ddelta = torch.empty(batch, channels, length, device=dev, dtype=delta.dtype)
+            dz = torch.empty(batch, channels, length, device=dev, dtype=z.dtype) if z is not None else None
+            partial_dn = torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+
+            def bc_grad_buffer(mat, variable):
+                if variable:
+                    g = mat.shape[1] if mat.dim() == 4 else 1
+                    alloc = torch.zeros if plan.atomic else torch.empty
+                    return alloc(batch, g, d_state, length, device=dev, dtype=torch.float32)
+                return torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+
+            dB_buf, dC_buf = bc_grad_buffer(B, b_var), bc_grad_buffer(C, c_var)
+            dD_part = torch.empty(batch * K, channels, device=dev, dtype=torch.float32) if D is not None else None
+            dbias_part = (torch.empty(batch * K, channels, device=dev, dtype=torch.float32)
+                          if delta_bias is not None else None)
+            _chunk_grad_kernel[plan.grid](
+                u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
+                dummy if D is None else D, dummy if z is None else z, *z_strides,
+                grad_out, *_token_strides(grad_out), starts, carries,
+                du, ddelta, dummy if dz is None else dz, dB_buf, dC_buf, partial_dn,
+                dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
+                channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
+                B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=ctx.delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
+                BC_ATOMIC=plan.atomic, **common)
+
+            dA = partial_dn.sum(0)
+
+            def bc_grad(buf, mat, variable):
+                if not variable:
+                    return buf.sum(0).to(mat.dtype)
+                return buf.view(mat.shape).to(mat.dtype) if mat.dim() == 3 else buf.to(mat.dtype)
+
+            dB = bc_grad(dB_buf, B, b_var)
+            dC = bc_grad(dC_buf, C, c_var)
+            dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+            dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        return (du, ddelta, dA.to(A.dtype), dB, dC, dD, dz, dbias, None, None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, chunk: Optional[int] = None, block_d: Optional[int] = None,
+                          warps: Optional[int] = None):
+    """Return the selective scan output (and the final state if asked), computed by the Triton kernels."""
+    out, last_state = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                                chunk, block_d, warps)
+    return (out, last_state) if return_last_state else out
