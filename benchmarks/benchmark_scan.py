@@ -5,7 +5,8 @@
     python benchmarks/benchmark_scan.py --device cpu --shapes 2x32768x32 --steps 3 --warmup 1
 
 Rows: forward and forward+backward milliseconds and peak memory per backend, with the ratio to the fastest
-row of the same shape. When mamba_ssm is installed, a last row measures its own ``mamba_ssm.Mamba`` module
+row of the same shape. ``--raw`` adds a table for the bare selective scan (no projections or conv) at
+batch x tokens x d_inner with d_state 16 and shared B/C, as the layer calls it. When mamba_ssm is installed, a last row measures its own ``mamba_ssm.Mamba`` module
 loaded with the same weights, the upstream layer our parameter names follow.
 """
 from __future__ import annotations
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--raw", nargs="*", default=None, metavar="BxLxD",
+                        help="also time the bare scan at these batch x tokens x d_inner shapes (none given: "
+                             "2x2097152x64 and 2x4096x1024)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     probe = torch.zeros(1, 1, 1, device=device)
@@ -101,7 +105,61 @@ def main(argv=None) -> int:
         for name, forward, both, peak in rows:
             peak_text = "n/a" if peak != peak else f"{peak:.2f}"  # no allocator statistics on the CPU
             print(f"| {shape} | {name} | {forward:.1f} | {both:.1f} | {peak_text} | {both / fastest:.2f} |")
+    if args.raw is not None:
+        raw_table(args.raw or ["2x2097152x64", "2x4096x1024"], backends, device, args.steps, args.warmup)
     return 0
+
+
+def raw_table(shapes, backends, device, steps, warmup) -> None:
+    """Print forward and forward+backward medians of the bare scan per backend (fp32 inputs)."""
+    from nnunetv2_mamba.ssm import selective_scan
+
+    print("| raw scan (B x L x d_inner, d_state 16) | backend | forward (ms) | fwd+bwd (ms) | fwd+bwd x fastest |")
+    print("|---|---|---|---|---|")
+    for shape in shapes:
+        batch, length, channels = (int(v) for v in shape.split("x"))
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def randn(*size):
+            return torch.randn(*size, generator=generator, device=device)
+
+        u, z = randn(batch, channels, length), randn(batch, channels, length)
+        delta = randn(batch, channels, length) * 0.5 - 1.0
+        A = -torch.exp(torch.rand(channels, 16, generator=generator, device=device) * 2.5)
+        B, C = randn(batch, 16, length), randn(batch, 16, length)
+        D, bias = randn(channels), randn(channels) * 0.3
+        leaves = [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+        grad = torch.randn_like(u)
+        rows = []
+        for name in backends:
+            if name == "torch" and device.type == "cuda":
+                continue  # seconds per step at these sizes; the layer table above has it
+
+            def forward_only(name=name):
+                with torch.no_grad():
+                    selective_scan(*leaves, delta_softplus=True, backend=name)
+
+            def forward_backward(name=name):
+                out = selective_scan(*leaves, delta_softplus=True, backend=name)
+                torch.autograd.grad(out, leaves, grad)
+
+            rows.append((name, _median_ms(forward_only, device, steps, warmup),
+                         _median_ms(forward_backward, device, steps, warmup)))
+        fastest = min(row[2] for row in rows)
+        for name, forward, both in rows:
+            print(f"| {shape} | {name} | {forward:.2f} | {both:.2f} | {both / fastest:.2f} |")
+
+
+def _median_ms(fn, device, steps, warmup) -> float:
+    times = []
+    for step in range(warmup + steps):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        if step >= warmup:
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

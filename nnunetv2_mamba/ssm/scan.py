@@ -16,6 +16,7 @@ import torch
 from nnunetv2_mamba.ssm.backends.base import ScanBackend
 from nnunetv2_mamba.ssm.backends.mamba_ssm_backend import MambaSsmBackend
 from nnunetv2_mamba.ssm.backends.torch_backend import TorchBackend
+from nnunetv2_mamba.ssm.backends.triton_backend import TritonBackend
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def describe_backends() -> List[dict]:
 
 
 register_backend(MambaSsmBackend())
+# The sequence-parallel Triton kernels: after mamba_ssm until the benchmark shows them faster at the shapes
+# the networks use (benchmarks/TRITON_NOTES.md), ahead of the pure-torch scan where mamba_ssm is missing.
+register_backend(TritonBackend())
 register_backend(TorchBackend())
-# Our own GPU kernel (a later issue) registers here, first in the preference order:
-#     register_backend(TritonBackend(), preference=0)

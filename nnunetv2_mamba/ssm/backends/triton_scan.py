@@ -51,8 +51,8 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 # Tokens per chunk, channels per tile and warps; NNUNETV2_MAMBA_TRITON_CHUNK forces the chunk (tests use it
 # to get many chunks out of short sequences).
 DEFAULT_CHUNK = 16
-DEFAULT_BLOCK_D = 8
-DEFAULT_WARPS = 4
+DEFAULT_BLOCK_D = 2
+DEFAULT_WARPS = 1
 CHUNK_BLOCK = 256  # chunks per associative scan in _chunk_carry_kernel
 CARRY_LANES = 16  # state lanes (d, n) per program in _chunk_carry_kernel
 # Programs below which the channels of a group are split over several programs (atomics for dB/dC).

@@ -1,0 +1,92 @@
+"""GPU: the Triton scan against an fp64 reference and mamba_ssm's kernel, forward and every gradient."""
+import pytest
+import torch
+
+from nnunetv2_mamba.ssm import get_backend, selective_scan
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCES = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-2), torch.bfloat16: (3e-3, 5e-2)}
+
+
+def poison_allocator():
+    """Fill freed allocator memory with NaN so that an output element the kernels never write shows up."""
+    filler = torch.full((64 * 2 ** 20,), float("nan"), device="cuda")
+    del filler
+
+
+def make_cuda_inputs(batch, channels, d_state, length, bc, dtype, seed, with_optional=True):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda")
+
+    u = randn(batch, channels, length).to(dtype)
+    delta = (randn(batch, channels, length) * 0.5 - 1.0).to(dtype)
+    A = -torch.exp(torch.rand(channels, d_state, generator=generator, device="cuda") * 2.5)
+    shape = (batch, d_state, length) if bc == "shared" else (batch, 2, d_state, length)
+    B, C = randn(*shape).to(dtype), randn(*shape).to(dtype)
+    D = randn(channels) if with_optional else None
+    z = randn(batch, channels, length).to(dtype) if with_optional else None
+    bias = randn(channels) * 0.3 if with_optional else None
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def forward_and_grads(backend, inputs, weight, double=False):
+    leaves = [None if t is None else (t.double() if double else t).detach().requires_grad_() for t in inputs]
+    poison_allocator()
+    out, last = selective_scan(*leaves, delta_softplus=True, return_last_state=True, backend=backend)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((out.double() * weight).sum(), present)
+    return out.double(), last.double(), [g.double() for g in grads]
+
+
+def assert_matches(ours, reference, dtype, what):
+    rtol, atol = TOLERANCES[dtype]
+    scale = reference.abs().max().clamp_min(1e-6)
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values (unwritten elements?)"
+    torch.testing.assert_close(ours / scale, reference / scale, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def check(batch, channels, length, bc, dtype, with_optional=True, seed=0):
+    inputs = make_cuda_inputs(batch, channels, 16, length, bc, dtype, seed, with_optional)
+    weight = torch.randn(batch, channels, length, device="cuda", dtype=torch.float64)
+    out, last, grads = forward_and_grads("triton", inputs, weight)
+    # The fp64 torch scan on the same (rounded) inputs is the ground truth; mamba_ssm must agree as closely.
+    ref_out, ref_last, ref_grads = forward_and_grads("torch", inputs, weight, double=True)
+    assert out.dtype == ref_out.dtype
+    assert_matches(out, ref_out, dtype, "out")
+    assert_matches(last, ref_last, dtype, "last_state")
+    names = [n for n, t in zip("u delta A B C D z delta_bias".split(), inputs) if t is not None]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert_matches(g, r, dtype, f"grad {name}")
+    if get_backend("mamba_ssm").available():
+        m_out, _, m_grads = forward_and_grads("mamba_ssm", inputs, weight)
+        assert_matches(out, m_out, dtype, "out vs mamba_ssm")
+        for name, g, m in zip(names, grads, m_grads):
+            assert_matches(g, m, dtype, f"grad {name} vs mamba_ssm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("length", [1, 7, 2048, 2049, 65536])
+@pytest.mark.parametrize("bc", ["shared", "grouped"])
+def test_triton_matches_reference_and_mamba_ssm(dtype, length, bc):
+    check(2, 8, length, bc, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_without_optional_arguments(dtype):
+    check(2, 8, 2049, "shared", dtype, with_optional=False)
+
+
+def test_full_volume_length_small_channels():
+    check(1, 4, 128 ** 3, "shared", torch.float32)
+
+
+def test_output_dtypes_follow_inputs():
+    inputs = make_cuda_inputs(1, 4, 16, 100, "shared", torch.bfloat16, 0)
+    leaves = [t.requires_grad_() if t is not None else None for t in inputs]
+    out = selective_scan(*leaves, delta_softplus=True, backend="triton")
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().sum(), [t for t in leaves if t is not None])
+    assert [g.dtype for g in grads] == [t.dtype for t in leaves if t is not None]
