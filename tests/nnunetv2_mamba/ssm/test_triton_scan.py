@@ -1,0 +1,94 @@
+"""The Triton scan kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) against an fp64 reference.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so the cases run in one subprocess started with the
+variable set (this process may already have imported triton); each test checks one case's errors.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHUNK = 4  # tiny chunks: short sequences already span several chunks and cross chunk boundaries
+# (length, B/C layout, batch, channels, with D/z/delta_bias, delta_softplus)
+CASES = [
+    (1, "shared", 1, 4, True, True),
+    (7, "shared", 2, 4, True, True),
+    (CHUNK, "grouped", 1, 4, True, True),
+    (CHUNK + 1, "time_invariant", 1, 4, True, True),
+    (3 * CHUNK - 1, "shared", 2, 4, True, True),
+    (3 * CHUNK - 1, "grouped", 1, 8, True, True),  # 4 channels per group over 2 programs: atomic dB/dC
+    (3 * CHUNK - 1, "time_invariant", 1, 4, True, False),
+    (2 * CHUNK + 3, "shared", 1, 6, False, True),  # 6 channels: a partly masked channel block
+    (2 * CHUNK + 3, "grouped", 1, 4, False, False),
+]
+CASE_IDS = [f"L{c[0]}-{c[1]}-b{c[2]}-d{c[3]}-{'opt' if c[4] else 'bare'}-{'softplus' if c[5] else 'raw'}"
+            for c in CASES]
+
+
+def run_case(length, bc, batch, channels, with_optional, softplus):
+    """Return {name: relative error} of output, last state and every gradient against the fp64 reference."""
+    import torch
+
+    from nnunetv2_mamba.ssm import selective_scan
+    from tests.test_scan import make_inputs, reference_scan
+
+    inputs = make_inputs(batch=batch, channels=channels, d_state=4, length=length, bc=bc, dtype=torch.float32,
+                         seed=length, with_d=with_optional, with_z=with_optional, with_bias=with_optional)
+    names = [n for n, t in zip("u delta A B C D z delta_bias".split(), inputs) if t is not None]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    out, last = selective_scan(*leaves, delta_softplus=softplus, return_last_state=True, backend="triton")
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * weight).sum(), [t for t in leaves if t is not None])
+    ref_leaves = [None if t is None else t.double().requires_grad_() for t in inputs]
+    ref_out, ref_last = reference_scan(*ref_leaves, delta_softplus=softplus)
+    ref_grads = torch.autograd.grad((ref_out * weight).sum(), [t for t in ref_leaves if t is not None])
+
+    def error(ours, ref):  # relative to the reference's size; absolute where the reference is ~0 (dA at L=1)
+        return ((ours.double() - ref).norm() / ref.norm().clamp_min(1.0)).item()
+
+    errors = {"out": error(out, ref_out), "last_state": error(last, ref_last),
+              "out_dtype_ok": float(out.dtype == torch.float32)}
+    errors.update({f"grad_{n}": error(g, r) for n, g, r in zip(names, grads, ref_grads)})
+    return errors
+
+
+def main():
+    for case in CASES:
+        print(json.dumps(run_case(*case)), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, TRITON_INTERPRET="1", NNUNETV2_MAMBA_TRITON_CHUNK=str(CHUNK),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", "from tests.nnunetv2_mamba.ssm.test_triton_scan import main; main()"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(CASES), done.stdout[-2000:]
+    return lines
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_interpreted_kernels_match_fp64_reference(interpreted_results, index):
+    errors = interpreted_results[index]
+    assert errors.pop("out_dtype_ok") == 1.0
+    assert set(errors) >= {"out", "last_state", "grad_u", "grad_delta", "grad_A", "grad_B", "grad_C"}
+    bad = {name: value for name, value in errors.items() if not value < 2e-5}  # fp32 kernels: ~1e-7 expected
+    assert not bad, f"case {CASE_IDS[index]}: errors above 2e-5: {bad}"
+
+
+def test_backend_is_unavailable_for_cpu_tensors_without_the_interpreter():
+    import torch
+
+    from nnunetv2_mamba.ssm import get_backend
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("this process runs under TRITON_INTERPRET")
+    reason = get_backend("triton").unsupported_reason(torch.zeros(1, 2, 3), torch.zeros(2, 4))
+    assert reason is not None and "backend='torch'" in reason
