@@ -51,10 +51,17 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 # Tokens per chunk, channels per tile and warps; NNUNETV2_MAMBA_TRITON_CHUNK forces the chunk (tests use it
 # to get many chunks out of short sequences).
 DEFAULT_CHUNK = 16
-DEFAULT_BLOCK_D = 2
+DEFAULT_BLOCK_D = 4
 DEFAULT_WARPS = 1
 CHUNK_BLOCK = 256  # chunks per associative scan in _chunk_carry_kernel
 CARRY_LANES = 16  # state lanes (d, n) per program in _chunk_carry_kernel
+# Chunks per superblock of the two-level carry: superblocks are scanned in parallel from zero, then their
+# entering states are carried over the (few) superblocks and added back, so no program walks all K chunks.
+# NNUNETV2_MAMBA_TRITON_CARRY="chunks,superblock" overrides both (tests use tiny ones); the superblock must be
+# a multiple of the chunk block.
+SUPERBLOCK = 2048
+if os.environ.get("NNUNETV2_MAMBA_TRITON_CARRY"):
+    CHUNK_BLOCK, SUPERBLOCK = (int(v) for v in os.environ["NNUNETV2_MAMBA_TRITON_CARRY"].split(","))
 # Programs below which the channels of a group are split over several programs (atomics for dB/dC).
 MIN_PROGRAMS = 1024
 
@@ -173,6 +180,75 @@ def _chunk_carry_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, K, D, first_in, s
         k_out = (first_out + (j + 1) * step_out).to(tl.int64)
         tl.store(out_base + k_out[:, None] * lanes_total + lane[None, :], state, mask=mask)
         carry = tl.sum(tl.where((rows == CHUNKS - 1)[:, None], state, 0.0), axis=0)
+
+
+@triton.jit
+def _carry_local_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, super_end_ptr, super_dt_ptr, K, D,
+                        first_in, step_in, first_out, step_out,
+                        N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr, SUPER: tl.constexpr):
+    """Level 1 of the carry: the states after each chunk of superblock s, from a zero state at its start.
+
+    Writes them to out like _chunk_carry_kernel, and the superblock's end state and summed delta (per lane)
+    to super_end / super_dt (batch, n_super, D * N).
+    """
+    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    n_super = tl.num_programs(2)
+    lanes_total = D * N
+    lane_mask = lane < lanes_total
+    A2 = tl.load(A2_ptr + lane, mask=lane_mask, other=0.0)
+    channel = lane // N
+    carry = tl.zeros([LANES], dtype=tl.float32)
+    dt_total = tl.zeros([LANES], dtype=tl.float32)
+    out_base = out_ptr + b * (K + 1) * lanes_total
+    if s == 0:
+        tl.store(out_base + first_out * lanes_total + lane, carry, mask=lane_mask)
+    rows = tl.arange(0, CHUNKS)
+    for j0 in range(s * SUPER, s * SUPER + SUPER, CHUNKS):
+        j = j0 + rows
+        mask = (j < K)[:, None] & lane_mask[None, :]
+        k_in = (first_in + j * step_in).to(tl.int64)
+        local = tl.load(local_ptr + (b * K + k_in)[:, None] * lanes_total + lane[None, :], mask=mask, other=0.0)
+        dtsum = tl.load(dtsum_ptr + (b * K + k_in)[:, None] * D + channel[None, :], mask=mask, other=0.0)
+        decay_run, state = tl.associative_scan((tl.exp2(dtsum * A2[None, :]), local), 0, _first_order_combine)
+        state = state + decay_run * carry[None, :]
+        k_out = (first_out + (j + 1) * step_out).to(tl.int64)
+        tl.store(out_base + k_out[:, None] * lanes_total + lane[None, :], state, mask=mask)
+        carry = tl.sum(tl.where((rows == CHUNKS - 1)[:, None], state, 0.0), axis=0)
+        dt_total += tl.sum(dtsum, axis=0)
+    summary = (b * n_super + s) * lanes_total + lane
+    tl.store(super_end_ptr + summary, carry, mask=lane_mask)
+    tl.store(super_dt_ptr + summary, dt_total, mask=lane_mask)
+
+
+@triton.jit
+def _carry_fix_kernel(dtsum_ptr, A2_ptr, out_ptr, super_start_ptr, K, D, first_in, step_in, first_out, step_out,
+                      N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr, SUPER: tl.constexpr):
+    """Level 3 of the carry: add the state entering superblock s + 1, decayed to each of its chunks."""
+    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2) + 1
+    n_super = tl.num_programs(2) + 1
+    lanes_total = D * N
+    lane_mask = lane < lanes_total
+    A2 = tl.load(A2_ptr + lane, mask=lane_mask, other=0.0)
+    channel = lane // N
+    entering = tl.load(super_start_ptr + (b * (n_super + 1) + s) * lanes_total + lane, mask=lane_mask, other=0.0)
+    dt_before = tl.zeros([LANES], dtype=tl.float32)
+    out_base = out_ptr + b * (K + 1) * lanes_total
+    rows = tl.arange(0, CHUNKS)
+    for j0 in range(s * SUPER, s * SUPER + SUPER, CHUNKS):
+        j = j0 + rows
+        mask = (j < K)[:, None] & lane_mask[None, :]
+        k_in = (first_in + j * step_in).to(tl.int64)
+        dtsum = tl.load(dtsum_ptr + (b * K + k_in)[:, None] * D + channel[None, :], mask=mask, other=0.0)
+        prefix = dt_before[None, :] + tl.cumsum(dtsum, axis=0)  # delta summed from the superblock start
+        k_out = (first_out + (j + 1) * step_out).to(tl.int64)
+        ptrs = out_base + k_out[:, None] * lanes_total + lane[None, :]
+        state = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, state + tl.exp2(prefix * A2[None, :]) * entering[None, :], mask=mask)
+        dt_before += tl.sum(dtsum, axis=0)
 
 
 @triton.jit
@@ -459,11 +535,28 @@ def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, k
 
 
 def _carry(local, dtsum, A2, out, forward: bool):
+    """Fill out (batch, K + 1, D, N) with the states between chunks (forward) or the adjoints (backward)."""
     batch, K, channels, d_state = local.shape
-    grid = (triton.cdiv(channels * d_state, CARRY_LANES), batch)
+    lanes = channels * d_state
+    lane_blocks = triton.cdiv(lanes, CARRY_LANES)
     first_in, step_in, first_out, step_out = (0, 1, 0, 1) if forward else (K - 1, -1, K, -1)
-    _chunk_carry_kernel[grid](local, dtsum, A2, out, K, channels, first_in, step_in, first_out, step_out,
-                              N=d_state, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK, num_warps=4)
+    n_super = triton.cdiv(K, SUPERBLOCK)
+    if n_super == 1:
+        _chunk_carry_kernel[(lane_blocks, batch)](local, dtsum, A2, out, K, channels, first_in, step_in, first_out,
+                                                  step_out, N=d_state, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK,
+                                                  num_warps=4)
+        return
+    geometry = dict(N=d_state, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK, SUPER=SUPERBLOCK, num_warps=4)
+    super_end = torch.empty(batch, n_super, lanes, device=out.device, dtype=torch.float32)
+    super_dt = torch.empty_like(super_end)
+    _carry_local_kernel[(lane_blocks, batch, n_super)](local, dtsum, A2, out, super_end, super_dt, K, channels,
+                                                       first_in, step_in, first_out, step_out, **geometry)
+    # Superblocks in logical order: one lane per (channel, state) with its own summed delta (N=1 view).
+    super_start = torch.empty(batch, n_super + 1, lanes, device=out.device, dtype=torch.float32)
+    _chunk_carry_kernel[(lane_blocks, batch)](super_end, super_dt, A2, super_start, n_super, lanes, 0, 1, 0, 1,
+                                              N=1, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK, num_warps=4)
+    _carry_fix_kernel[(lane_blocks, batch, n_super - 1)](dtsum, A2, out, super_start, K, channels, first_in,
+                                                         step_in, first_out, step_out, **geometry)
 
 
 class SelectiveScanTriton(torch.autograd.Function):

@@ -64,7 +64,9 @@ def main():
 @pytest.fixture(scope="module")
 def interpreted_results():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    # Carry blocks of 2 chunks in superblocks of 2: the two-level carry runs from 3 chunks on.
     env = dict(os.environ, TRITON_INTERPRET="1", NNUNETV2_MAMBA_TRITON_CHUNK=str(CHUNK),
+               NNUNETV2_MAMBA_TRITON_CARRY="2,2",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", "from tests.nnunetv2_mamba.ssm.test_triton_scan import main; main()"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
