@@ -75,14 +75,15 @@ CHECK = textwrap.dedent("""
     leaked = [name for name in ("nnunetv2_mamba.setup", "nnunetv2_mamba.tests", "nnunetv2_mamba.nnunetv2_mamba",
                                 "nnunetv2_mamba.benchmarks", "nnunetv2_mamba.docs")
               if importlib.util.find_spec(name) is not None]
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    trainer = recursive_find_trainer_class_by_name("nnUNetTrainerUMambaBot")
-    import nnunetv2_mamba.network_architectures.umamba as networks
-    print("RESULT", json.dumps({**state_at_startup, "names": names, "leaked": leaked,
+    found = {"trainer_module": None}
+    if "--lookup" in sys.argv:  # nnU-Net's own lookup (imports nnU-Net's trainers: ~8 s of CPU)
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        found["trainer_module"] = recursive_find_trainer_class_by_name("nnUNetTrainerUMambaBot").__module__
+    print("RESULT", json.dumps({**state_at_startup, **found, "names": names, "leaked": leaked,
                                 "package": nnunetv2_mamba.__file__,
-                                "trainer_module": trainer.__module__,
-                                "trainer_file": sys.modules[trainer.__module__].__file__,
-                                "network_file": networks.__file__}))
+                                "trainer_file": importlib.util.find_spec("nnunetv2_mamba.trainers.umamba").origin,
+                                "network_file": importlib.util.find_spec(
+                                    "nnunetv2_mamba.network_architectures.umamba").origin}))
 """)
 
 
@@ -148,9 +149,11 @@ def pip_install(python: Path, source: Path, editable: bool):
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
 
 
-def start_check(python: Path, cwd: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen([str(python), "-c", CHECK], env=child_env(**env), cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start_check(python: Path, cwd: Path, lookup: bool = True, **env) -> subprocess.Popen:
+    """Start the check in a fresh interpreter; ``lookup`` finds the trainer through nnU-Net's own lookup."""
+    command = [str(python), "-c", CHECK] + (["--lookup"] if lookup else [])
+    return subprocess.Popen(command, env=child_env(**env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def check_result(process: subprocess.Popen) -> dict:
@@ -171,7 +174,7 @@ def site_packages(python: Path) -> Path:
 def layouts(tmp_path_factory):
     """Copy the checkout, install it (regular, editable, not at all) and run the check in each layout.
 
-    The four checks import nnunetv2's trainers (about 8 s each on a 2-core machine); they run concurrently.
+    The checks run concurrently; three of them import all of nnunetv2's trainers for its lookup (about 8 s of CPU each).
     """
     base = tmp_path_factory.mktemp("layouts")
     source = base / "checkout"
@@ -197,7 +200,8 @@ def layouts(tmp_path_factory):
         shutil.rmtree(leftover, ignore_errors=True)
     processes = {
         "regular": start_check(pythons["regular"], neutral),
-        "regular_from_root": start_check(pythons["regular"], source),
+        # The same installed copy as "regular" (its start-up hook imports it first): no second nnU-Net lookup.
+        "regular_from_root": start_check(pythons["regular"], source, lookup=False),
         "editable": start_check(pythons["editable"], neutral),
         "checkout": start_check(pythons["bare"], neutral, PYTHONPATH=str(source)),
     }
@@ -212,7 +216,7 @@ def layouts(tmp_path_factory):
             "expected": expected_module_names(source)}
 
 
-def assert_one_clean_package(result: dict, expected: set) -> Path:
+def assert_one_clean_package(result: dict, expected: set, lookup: bool = True) -> Path:
     """Assert the walk, the leaks, the trainer lookup and the start-up cost; return the folder the code came from."""
     assert "error" not in result, result.get("error")
     names = result["names"]
@@ -220,7 +224,8 @@ def assert_one_clean_package(result: dict, expected: set) -> Path:
     assert set(names) == expected, (f"missing: {sorted(expected - set(names))}; "
                                     f"unexpected: {sorted(set(names) - expected)}")
     assert result["leaked"] == [], f"checkout files importable under nnunetv2_mamba: {result['leaked']}"
-    assert result["trainer_module"] == "nnunetv2_mamba.trainers.umamba"
+    if lookup:
+        assert result["trainer_module"] == "nnunetv2_mamba.trainers.umamba", "nnU-Net's lookup found another class"
     assert not result["torch"], "the start-up hook imported torch"
     package_dir = Path(result["package"]).resolve().parent
     installed = (package_dir / "trainers").is_dir()
@@ -247,7 +252,7 @@ def test_regular_install_run_from_the_checkout_root_imports_the_same_names(layou
     # way, all three folders must come from one copy.
     result = layouts["results"]["regular_from_root"]
     assert result["hook_ran"]
-    package_dir = assert_one_clean_package(result, layouts["expected"])
+    package_dir = assert_one_clean_package(result, layouts["expected"], lookup=False)
     assert package_dir in (site_packages(layouts["pythons"]["regular"]).resolve() / "nnunetv2_mamba",
                            layouts["source"].resolve() / "nnunetv2_mamba")
 
