@@ -25,15 +25,15 @@ from nnunetv2_mamba.version import __version__
 # ``pkgutil.iter_modules`` (which asks a path entry's finder for ``iter_modules``) then see the two
 # subpackages, so ``walk_packages`` yields the modules of the three folders: the same names as an
 # installed copy. Nothing is imported until asked for (the subpackages import torch; start-up stays cheap).
-_SUBPACKAGE_FOLDERS = {"trainers": "trainers", "network_architectures": "network_architectures"}
+#: Subpackages whose folders sit next to this one in a checkout (folder name = subpackage name, as in setup.py).
+_CHECKOUT_SUBPACKAGES = ("trainers", "network_architectures")
 
 
 class _CheckoutSubpackageFinder:
     """Path entry finder for ``nnunetv2_mamba.trainers`` / ``.network_architectures`` in a source checkout."""
 
     def __init__(self, checkout_root):
-        self.locations = {f"{__name__}.{name}": _os.path.join(checkout_root, folder)
-                          for name, folder in _SUBPACKAGE_FOLDERS.items()}
+        self.locations = {f"{__name__}.{name}": _os.path.join(checkout_root, name) for name in _CHECKOUT_SUBPACKAGES}
 
     def find_spec(self, fullname, target=None):
         import importlib.util
@@ -58,13 +58,13 @@ def _source_checkout_root():
     package_dir = _os.path.dirname(_os.path.abspath(__file__))
     root = _os.path.dirname(package_dir)
     in_checkout = (_os.path.isfile(_os.path.join(root, "setup.py"))
-                   and all(_os.path.isfile(_os.path.join(root, folder, "__init__.py"))
-                           for folder in _SUBPACKAGE_FOLDERS.values()))
-    installed = any(_os.path.isdir(_os.path.join(package_dir, name)) for name in _SUBPACKAGE_FOLDERS)
+                   and all(_os.path.isfile(_os.path.join(root, name, "__init__.py")) for name in _CHECKOUT_SUBPACKAGES))
+    installed = any(_os.path.isdir(_os.path.join(package_dir, name)) for name in _CHECKOUT_SUBPACKAGES)
     return root if in_checkout and not installed else None
 
 
 def _add_checkout_subpackages(root):
+    """Append the marker entry to ``__path__`` and register the path hook that serves it (idempotent)."""
     marker = _os.path.join(root, "__nnunetv2_mamba_subpackages__")
     finder = _CheckoutSubpackageFinder(root)
 
