@@ -50,8 +50,21 @@ def read_version():
         return namespace["__version__"]
 
 
-core_packages = find_packages(include=["nnunetv2_mamba", "nnunetv2_mamba.*"])
-packages = core_packages + ["nnunetv2_mamba.trainers", "nnunetv2_mamba.network_architectures"]
+# The three source folders and the import names they install as. Nothing else of the checkout (tests/,
+# benchmarks/, setup.py) is part of the package; nnunetv2_mamba/__init__.py maps the same two folders when the
+# package is imported straight from a checkout.
+MAPPED_FOLDERS = {"nnunetv2_mamba.trainers": "trainers",
+                  "nnunetv2_mamba.network_architectures": "network_architectures"}
+
+
+def mapped_packages(name, folder):
+    """Return ``name`` and the dotted names of the packages below ``folder`` (so sub-folders install too)."""
+    return [name] + [f"{name}.{sub}" for sub in find_packages(where=os.path.join(HERE, folder))]
+
+
+packages = find_packages(include=["nnunetv2_mamba", "nnunetv2_mamba.*"])
+for package_name, package_folder in MAPPED_FOLDERS.items():
+    packages += mapped_packages(package_name, package_folder)
 
 setup(
     name="nnunetv2-mamba",
@@ -61,11 +74,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={
-        "nnunetv2_mamba": "nnunetv2_mamba",
-        "nnunetv2_mamba.trainers": "trainers",
-        "nnunetv2_mamba.network_architectures": "network_architectures",
-    },
+    package_dir={"nnunetv2_mamba": "nnunetv2_mamba", **MAPPED_FOLDERS},
     include_package_data=False,
     cmdclass={"build_py": BuildPyWithStartupHook, "editable_wheel": EditableWheelWithStartupHook},
     install_requires=[

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that runs every GPU check of the project and its benchmarks, writing logs to $OUT:
-#   source .gpu/use.sh (the GPU kit, see ../shared/gpu-kit/README.md) must have been run first, e.g.
+#   source .gpu/use.sh (the GPU kit) must have been run first, e.g.
 #   source .gpu/use.sh && bash benchmarks/gpu_session.sh [tests|bench|all]
 # Keep each part well inside the 10-minute limit of one device command.
 set -uo pipefail

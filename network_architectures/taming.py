@@ -1,7 +1,7 @@
 """Taming Mambas (Lumetti et al.): SegMamba, BiSegMamba, MultiSegMamba and SegMambaSkip.
 
 All four share nnU-Net's residual-encoder U-Net (ResNet-D encoder, transposed-conv decoder, deep supervision)
-and differ only in the Mamba mixer that follows every encoder stage (spec architectures.md §2):
+and differ only in the Mamba mixer that follows every encoder stage (ARCHITECTURES.md §2):
 
 - SegMamba: LayerNorm, then one forward ``MambaTrans`` over the C-order tokens of the stage output.
 - BiSegMamba: LayerNorm, then a forward and a reversed ``MambaTrans`` (separate weights), LayerNorm(sum).

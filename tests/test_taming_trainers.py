@@ -18,7 +18,7 @@ from nnunetv2_mamba.trainers import taming
 
 from tests.test_taming_networks import PLANS, _ConfigurationManager
 
-REFERENCE = {  # trainer: (network class, epochs, schedule) from the spec's table (§2.1)
+REFERENCE = {  # trainer: (network class, epochs, schedule) from ARCHITECTURES.md §2.1's table
     "nnUNetTrainerSegMamba": (taming_networks.SegMamba, 1000, "cosine"),
     "nnUNetTrainerBiSegMamba": (taming_networks.BiSegMamba, 300, "cosine"),
     "nnUNetTrainerMultiSegMamba": (taming_networks.MultiSegMamba, 300, "one_cycle"),

@@ -67,7 +67,7 @@ def expected_ds_shapes(plan, batch):
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,encoder,decoder", [
-    # Values from the spec (§1.3 formula, §5 table for n = 6), not from the implementation.
+    # Values from ARCHITECTURES.md (§1.3 formula, §5 table for n = 6), not from the implementation.
     (6, [2, 2, 2, 1, 1, 1], [2, 2, 2, 1, 1]),
     (5, [2, 2, 2, 1, 1], [2, 2, 2, 1]),
     (4, [2, 2, 1, 1], [2, 2, 1]),
@@ -153,7 +153,7 @@ def test_channel_token_rule_uses_patch_and_cumulative_strides():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Parameter count, derived independently from the spec's module list (§0.4, §0.5, §1.3, §1.4)
+# Parameter count, derived independently from the module list of ARCHITECTURES.md §0.4, §0.5, §1.3, §1.4
 # ------------------------------------------------------------------------------------------------------------
 
 def conv_params(cin, cout, kernel, bias):
