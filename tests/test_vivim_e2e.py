@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_mamba.data.video import make_synthetic_videos, predictions_to_frames, video_to_nnunet
+from nnunetv2_mamba.data.synthetic import make_synthetic_videos
+from nnunetv2_mamba.data.video_convert import video_to_nnunet
+from nnunetv2_mamba.data.video_export import predictions_to_frames
 from nnunetv2_mamba.evaluation.video_metrics import METRICS, evaluate_video_predictions
 from tests.e2e.helpers import run_nnunet_pipeline
 

@@ -15,7 +15,7 @@ def _default_raw_root() -> str:
 
 def command_convert(args: argparse.Namespace) -> int:
     """Convert a folder of videos into an nnU-Net raw dataset; print where it went."""
-    from nnunetv2_mamba.data.video import video_to_nnunet
+    from nnunetv2_mamba.data.video_convert import video_to_nnunet
 
     raw_root = args.raw_root or _default_raw_root()
     if not raw_root:
@@ -32,7 +32,7 @@ def command_convert(args: argparse.Namespace) -> int:
 
 def command_export(args: argparse.Namespace) -> int:
     """Write nnU-Net predictions as per-frame mask images; print where they went."""
-    from nnunetv2_mamba.data.video import predictions_to_frames
+    from nnunetv2_mamba.data.video_export import predictions_to_frames
 
     folder = predictions_to_frames(args.predictions, args.dataset, args.output,
                                    foreground_value=args.foreground_value, image_format=args.format,
