@@ -9,9 +9,9 @@
 H and W are the median frame size rounded up to a multiple of MiT's total stride (32), at most 256 (the paper's
 crops); the architecture entry names the Vivim network and all of its constructor arguments (the plan records
 the network that is built; nothing in nnU-Net reads U-Net stages from it because deep supervision is off).
-Everything else, ``data_identifier`` included, is inherited from 3d_fullres: nnU-Net's preprocessing depends on
-the spacing, normalisation and resampling, not on the patch or the network, so both Vivim configurations train
-on 3d_fullres's preprocessed data and need no preprocessing run of their own.
+Everything else, ``data_identifier`` included, is inherited from 3d_fullres: nnU-Net's preprocessed values depend
+on the spacing, normalisation and resampling, not on the network (the patch only sets the blosc2 block layout),
+so both Vivim configurations train on 3d_fullres's preprocessed data and need no preprocessing run of their own.
 """
 from __future__ import annotations
 
