@@ -1,10 +1,8 @@
 """Vivim trainers (ARCHITECTURES.md §4.1): Vivim configurations in the plans, building from them, unchanged plans,
 time-axis checks, in-plane augmentation, recipe, discovery."""
 import copy
-import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -141,6 +139,27 @@ def test_trainer_refuses_a_configuration_without_vivim_entries():
                                                         False)
     with pytest.raises(PlanError, match="PlainConvUNet"):
         nnUNetTrainerVivim.build_network_architecture(manager, manager.get_configuration("2d"), 3, 2, False)
+
+
+def test_models_trained_before_the_plan_step_still_build_their_network():
+    trainer, mixer = nnUNetTrainerVivimV3, "st_v3"  # the trainer's mixer decides (not the default one)
+    # The saved plans.json of such a model: 3d_fullres rewritten by the earlier trainer as MiT-B3 "U-Net" stages.
+    legacy = planned_configuration(patch=(5, 64, 64))
+    legacy["architecture"]["arch_kwargs"].pop("n_blocks_per_stage")
+    legacy["architecture"]["arch_kwargs"].update(
+        n_stages=4, features_per_stage=[64, 128, 320, 512], kernel_sizes=[[1, 7, 7]] + [[1, 3, 3]] * 3,
+        strides=[[1, 4, 4]] + [[1, 2, 2]] * 3, n_conv_per_stage=[3, 4, 18, 3], n_conv_per_stage_decoder=[1, 1, 1])
+    plans = planned_plans()
+    plans["configurations"]["3d_fullres"] = legacy
+    manager = PlansManager(plans)
+    network = trainer.build_network_architecture(manager, manager.get_configuration("3d_fullres"), 3, 2, False)
+    checkpoint = Vivim(3, 2, 5, mixer=mixer).state_dict()  # what the earlier trainer built and saved
+    assert network.mixer == mixer and list(network.state_dict()) == list(checkpoint)
+    network.load_state_dict(checkpoint)
+    # A plain nnU-Net 3d_fullres (not rewritten) is still refused.
+    with pytest.raises(PlanError, match="PlainConvUNet"):
+        trainer.build_network_architecture(PlansManager(planned_plans()),
+                                           PlansManager(planned_plans()).get_configuration("3d_fullres"), 3, 2, False)
 
 
 def make_trainer_folders(tmp_path, monkeypatch):

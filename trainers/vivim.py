@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 
 import numpy as np
@@ -27,10 +28,27 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_mamba.data.video_plan import (VIVIM_CONFIGURATIONS, VIVIM_NETWORK_CLASS, check_time_axis,
                                             plan_command, vivim_arch_kwargs)
-from nnunetv2_mamba.network_architectures.vivim import build_vivim
+from nnunetv2_mamba.network_architectures.vivim import MIT_B3, build_vivim
 from nnunetv2_mamba.plans import PlanError
 from nnunetv2_mamba.schedulers import CosineAnnealingEpochLR
 from nnunetv2_mamba.trainers.base import nnUNetTrainerMambaBase
+
+logger = logging.getLogger(__name__)
+
+
+def is_legacy_vivim_configuration(configuration_manager) -> bool:
+    """Return True for a model's plans written by the earlier Vivim trainers (before ``video plan`` existed).
+
+    Those trainers rewrote 3d_fullres in the saved plans.json as a U-Net with MiT-B3's stages (features 64..512,
+    strides [1,4,4], [1,2,2] x 3) and built the default Vivim; recognising them keeps such models predicting.
+    """
+    try:
+        arch = configuration_manager.network_arch_init_kwargs
+        return (configuration_manager.network_arch_class_name != VIVIM_NETWORK_CLASS
+                and list(arch.get("features_per_stage", [])) == list(MIT_B3["embed_dims"])
+                and [list(s) for s in arch.get("strides", [])] == [[1, s, s] for s in MIT_B3["patch_strides"]])
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def planned_vivim_kwargs(configuration_manager, trainer: type, configuration: str = "this configuration",
@@ -95,8 +113,14 @@ class nnUNetTrainerVivim(nnUNetTrainerMambaBase):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         """Return the Vivim the configuration describes (no deep supervision: one full-resolution output)."""
-        dataset = getattr(plans_manager, "dataset_name", None) or "DATASET"
-        arch_kwargs = planned_vivim_kwargs(configuration_manager, cls, dataset=dataset)
+        if is_legacy_vivim_configuration(configuration_manager):
+            logger.warning("These plans were written by an earlier nnunetv2-mamba Vivim trainer; building its "
+                           "network (default Vivim, %d frames). New trainings use `%s`.",
+                           configuration_manager.patch_size[0], plan_command())
+            arch_kwargs = vivim_arch_kwargs(configuration_manager.patch_size[0], cls.vivim_mixer)
+        else:
+            dataset = getattr(plans_manager, "dataset_name", None) or "DATASET"
+            arch_kwargs = planned_vivim_kwargs(configuration_manager, cls, dataset=dataset)
         return build_vivim(configuration_manager.patch_size, num_input_channels, num_output_channels, **arch_kwargs)
 
     @classmethod
