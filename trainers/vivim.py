@@ -68,7 +68,7 @@ def planned_vivim_kwargs(configuration_manager, trainer: type, configuration: st
     planned_mixer = arch_kwargs.get("mixer", "alternating")
     if planned_mixer != trainer.vivim_mixer:
         raise PlanError(f"{configuration} describes Vivim with the {planned_mixer!r} mixer, but {trainer.__name__} "
-                        f"trains the {trainer.vivim_mixer!r} mixer: train nnUNetv2_train {dataset} {wanted} FOLD "
+                        f"trains the {trainer.vivim_mixer!r} mixer; use nnUNetv2_train {dataset} {wanted} FOLD "
                         f"-tr {trainer.__name__}.")
     return arch_kwargs
 
