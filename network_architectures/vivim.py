@@ -16,6 +16,7 @@ token-order helpers. The MiT encoder and the SegFormer head are the generic piec
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import List, Sequence
@@ -29,7 +30,7 @@ from nnunetv2_mamba.layers import (Mamba, combine, frame_deinterleave, frame_int
                                    ssm_state_parameters, state_matrix, to_tokens)
 from nnunetv2_mamba.network_architectures.mit import (DECODER_DIM, MIT_B3, MixTransformer, SegFormerHead,
                                                       init_segformer_module)
-from nnunetv2_mamba.plans import NetworkPlan, PlanError
+from nnunetv2_mamba.plans import PlanError
 
 logger = logging.getLogger(__name__)
 
@@ -279,16 +280,34 @@ class Vivim(nn.Module):
         return _frames_to_clip(logits, batch, nframes)
 
 
-def build_vivim(plan: NetworkPlan, mixer: str = "alternating", **network_kwargs) -> Vivim:
-    """Return Vivim for an nnU-Net plan: nframes = patch_size[0]; the plan's stages are not used (MiT-B3)."""
-    if plan.dim != 3:
+def build_vivim(patch_size: Sequence[int], input_channels: int, num_classes: int, **arch_kwargs) -> Vivim:
+    """Return Vivim for a Vivim configuration: its patch [frames, H, W] and its arch_kwargs (ARCHITECTURES.md §4.1).
+
+    ``arch_kwargs`` are Vivim's constructor arguments as the plans store them (``nframes``, ``mixer``, sizes);
+    missing ones take Vivim's defaults. ``nframes`` must equal the patch's frame count.
+    """
+    patch_size = [int(v) for v in patch_size]
+    if len(patch_size) != 3:
         raise PlanError(f"Vivim segments clips stored as 3D images (frames, height, width); this plan is "
-                        f"{plan.dim}D (patch size {list(plan.patch_size)}). Use the 3d_fullres configuration of a "
+                        f"{len(patch_size)}D (patch size {patch_size}). Use the 3d_fullres_vivim configuration of a "
                         "dataset converted with `nnunetv2_mamba video convert`.")
-    nframes, height, width = plan.patch_size
-    stride = math.prod(network_kwargs.get("patch_strides", MIT_B3["patch_strides"]))
+    nframes, height, width = patch_size
+    arch_kwargs = dict(arch_kwargs)
+    planned_frames = int(arch_kwargs.pop("nframes", nframes))
+    if planned_frames != nframes:
+        raise PlanError(f"The plan's Vivim nframes={planned_frames} differs from its patch size {patch_size} "
+                        f"(frames first); re-run `nnunetv2_mamba video plan` instead of editing one of them.")
+    known = set(inspect.signature(Vivim.__init__).parameters) - {"self", "input_channels", "num_classes", "nframes"}
+    unknown = sorted(set(arch_kwargs) - known)
+    if unknown:
+        raise PlanError(f"The plan's Vivim arch_kwargs {unknown} are not arguments of Vivim (known: "
+                        f"{sorted(known)}); re-run `nnunetv2_mamba video plan`.")
+    stride = math.prod(int(s) for s in arch_kwargs.get("patch_strides", MIT_B3["patch_strides"]))
     if height % stride or width % stride:
         raise PlanError(f"Vivim needs an in-plane patch size that is a multiple of {stride}; the plan's patch "
-                        f"size is {list(plan.patch_size)}. Use nnUNetTrainerVivim (it adjusts the patch to "
-                        f"[frames, H, W] with H, W multiples of {stride}) or edit patch_size in the plans.")
-    return Vivim(plan.input_channels, plan.num_classes, nframes, mixer=mixer, **network_kwargs)
+                        f"size is {patch_size}. Write the Vivim configurations with `nnunetv2_mamba video plan` "
+                        f"(it sets the patch to [frames, H, W] with H, W multiples of {stride}).")
+    try:
+        return Vivim(int(input_channels), int(num_classes), nframes, **arch_kwargs)
+    except ValueError as error:
+        raise PlanError(f"The plan's Vivim arch_kwargs are invalid: {error}") from None

@@ -9,8 +9,10 @@ import SimpleITK as sitk
 from PIL import Image
 
 from nnunetv2_mamba.cli import main
-from nnunetv2_mamba.data.video import (MANIFEST_NAME, VideoDataError, make_synthetic_videos, predictions_to_frames,
-                                       video_to_nnunet)
+from nnunetv2_mamba.data.synthetic import make_synthetic_videos
+from nnunetv2_mamba.data.video_convert import video_to_nnunet
+from nnunetv2_mamba.data.video_export import predictions_to_frames
+from nnunetv2_mamba.data.video_io import MANIFEST_NAME, VideoDataError
 
 
 def read_nifti(path):

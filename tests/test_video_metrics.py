@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nnunetv2_mamba.data.video import VideoDataError
+from nnunetv2_mamba.data.video_io import VideoDataError
 from nnunetv2_mamba.evaluation.video_metrics import (evaluate_video_predictions, format_table, frame_metrics,
                                                      measure_network_fps)
 

@@ -7,7 +7,7 @@ import torch
 from nnunetv2_mamba.layers import Mamba, frame_deinterleave, frame_interleave, from_tokens, run_reversed, to_tokens
 from nnunetv2_mamba.layers.tokens import reverse_frames, run_frames_reversed
 from nnunetv2_mamba.network_architectures.vivim import (STMambaV3, TemporalMambaLayer, Vivim, build_vivim)
-from nnunetv2_mamba.plans import NetworkPlan, PlanError
+from nnunetv2_mamba.plans import PlanError
 
 # Tiny MiT (4 stages, 1 layer each, small widths) so that CPU tests take well under a second per network.
 TINY = dict(embed_dims=(8, 16, 24, 32), mit_depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), tmb_depths=(2, 2, 2, 2),
@@ -18,15 +18,6 @@ MIXERS = ("alternating", "st_v3")
 def tiny_vivim(nframes=2, mixer="alternating", input_channels=3, num_classes=2, **overrides):
     torch.manual_seed(0)
     return Vivim(input_channels, num_classes, nframes, mixer=mixer, **{**TINY, **overrides})
-
-
-def video_plan(patch_size, input_channels=3, num_classes=2):
-    arch = {"n_stages": 1, "features_per_stage": [8], "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[1, 3, 3]], "strides": [[1, 1, 1]], "n_conv_per_stage": [1],
-            "n_conv_per_stage_decoder": []}
-    if len(patch_size) == 2:
-        arch.update(conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]], strides=[[1, 1]])
-    return NetworkPlan.from_arch_kwargs(arch, patch_size, input_channels, num_classes)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
@@ -207,9 +198,13 @@ def test_bad_input_is_reported_clearly():
 
 
 def test_build_from_plan_uses_the_patch_frames_and_rejects_bad_plans():
-    network = build_vivim(video_plan((4, 64, 96)), **TINY)
+    network = build_vivim((4, 64, 96), 3, 2, **TINY)
     assert network.nframes == 4 and network.num_classes == 2
     with pytest.raises(PlanError, match="2D"):
-        build_vivim(video_plan((64, 64)), **TINY)
+        build_vivim((64, 64), 3, 2, **TINY)
     with pytest.raises(PlanError, match=r"multiple of 32.*\[5, 48, 64\]"):
-        build_vivim(video_plan((5, 48, 64)), **TINY)
+        build_vivim((5, 48, 64), 3, 2, **TINY)
+    with pytest.raises(PlanError, match=r"nframes=5 differs .*\[4, 64, 96\]"):
+        build_vivim((4, 64, 96), 3, 2, nframes=5, **TINY)
+    with pytest.raises(PlanError, match=r"\['n_stages'\] are not arguments of Vivim"):
+        build_vivim((4, 64, 96), 3, 2, n_stages=4, **TINY)

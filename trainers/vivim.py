@@ -4,17 +4,17 @@ Recipe [plugin decision]: trained from scratch (no pretrained weights can be dow
 0.9/0.999, no weight decay) with an epoch-indexed cosine to 1e-6 over nnU-Net's 1000 x 250 iterations, nnU-Net's
 DC+CE loss on every frame, AMP with fp32 Temporal-Mamba layers, gradient clipping 12, no deep supervision.
 
-The plans are adjusted when the trainer starts (and saved with the model, so prediction uses the same): the
-patch becomes [nframes=5, H, W] with H, W multiples of 32, and the architecture entries describe MiT-B3
-(stride 1 along time) so that nothing in nnU-Net pools along time. Augmentation is in-plane only.
+The network comes from the plans, the nnU-Net way: ``nnunetv2_mamba video plan -d DATASET`` adds the
+configurations ``3d_fullres_vivim`` / ``3d_fullres_vivim_v3`` (patch [5, H, W], Vivim's architecture entries;
+nnunetv2_mamba.data.video_plan) and the trainers build what they describe. The plans are not edited here.
+Augmentation is in-plane only.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
+import logging
 import os
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,65 +25,52 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
+from nnunetv2_mamba.data.video_plan import (VIVIM_CONFIGURATIONS, VIVIM_NETWORK_CLASS, check_time_axis,
+                                            plan_command, vivim_arch_kwargs)
 from nnunetv2_mamba.network_architectures.vivim import MIT_B3, build_vivim
 from nnunetv2_mamba.plans import PlanError
 from nnunetv2_mamba.schedulers import CosineAnnealingEpochLR
 from nnunetv2_mamba.trainers.base import nnUNetTrainerMambaBase
 
-#: MiT's total in-plane stride: H and W of the patch must be multiples of it.
-INPLANE_MULTIPLE = math.prod(MIT_B3["patch_strides"])
+logger = logging.getLogger(__name__)
 
 
-def video_patch_size(median_inplane: Sequence[float], nframes: int = 5, max_inplane: int = 256):
-    """Return [nframes, H, W]: the median frame size rounded up to a multiple of 32, at most ``max_inplane``."""
-    if max_inplane % INPLANE_MULTIPLE:
-        raise PlanError(f"max_inplane={max_inplane} must be a multiple of {INPLANE_MULTIPLE}.")
-    inplane = [min(max_inplane, max(INPLANE_MULTIPLE, int(math.ceil(float(size) / INPLANE_MULTIPLE))
-                                    * INPLANE_MULTIPLE)) for size in median_inplane]
-    return [int(nframes)] + inplane
+def is_legacy_vivim_configuration(configuration_manager) -> bool:
+    """Return True for a model's plans written by the earlier Vivim trainers (before ``video plan`` existed).
+
+    Those trainers rewrote 3d_fullres in the saved plans.json as a U-Net with MiT-B3's stages (features 64..512,
+    strides [1,4,4], [1,2,2] x 3) and built the default Vivim; recognising them keeps such models predicting.
+    """
+    try:
+        arch = configuration_manager.network_arch_init_kwargs
+        return (configuration_manager.network_arch_class_name != VIVIM_NETWORK_CLASS
+                and list(arch.get("features_per_stage", [])) == list(MIT_B3["embed_dims"])
+                and [list(s) for s in arch.get("strides", [])] == [[1, s, s] for s in MIT_B3["patch_strides"]])
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
-def video_configuration(configuration: dict, nframes: int = 5, max_inplane: int = 256) -> dict:
-    """Return a copy of an nnU-Net 3D configuration adjusted for Vivim (patch, MiT-B3 stages, no time pooling)."""
-    adjusted = copy.deepcopy(configuration)
-    patch = adjusted.get("patch_size", [])
-    if len(patch) != 3:
-        raise PlanError(f"Vivim trains on 3D configurations (frames, height, width); this configuration's patch "
-                        f"size is {list(patch)}. Use 3d_fullres.")
-    median = adjusted.get("median_image_size_in_voxels") or patch
-    adjusted["patch_size"] = video_patch_size(median[1:], nframes, max_inplane)
-    arch = adjusted["architecture"]["arch_kwargs"]
-    n_stages = len(MIT_B3["embed_dims"])
-    # Describe the network that is built: MiT stages with stride 1 along time. nnU-Net never pools with these
-    # (deep supervision is off) and NetworkPlan's divisibility check then holds for [nframes, 32k, 32k].
-    arch.pop("n_blocks_per_stage", None)
-    arch.update({
-        "n_stages": n_stages,
-        "features_per_stage": list(MIT_B3["embed_dims"]),
-        "kernel_sizes": [[1, k, k] for k in MIT_B3["patch_sizes"]],
-        "strides": [[1, s, s] for s in MIT_B3["patch_strides"]],
-        "n_conv_per_stage": list(MIT_B3["mit_depths"]),
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-    })
-    return adjusted
-
-
-def check_time_axis(transpose_forward: Sequence[int], configuration_spacing: Sequence[float],
-                    dataset_spacings: Sequence[Sequence[float]] = ()) -> None:
-    """Raise PlanError unless time stays axis 0 and no clip is resampled along time."""
-    if list(transpose_forward) != [0, 1, 2]:
-        raise PlanError(f"nnU-Net transposes this dataset's axes (transpose_forward={list(transpose_forward)}), "
-                        "so time would not be the first axis. Give time the largest spacing (datasets written "
-                        "by `nnunetv2_mamba video convert` do) and re-run nnUNetv2_plan_and_preprocess.")
-    time_spacings = sorted({round(float(spacing[0]), 6) for spacing in dataset_spacings})
-    if len(time_spacings) > 1:
-        raise PlanError(f"The clips have different time spacings {time_spacings}; nnU-Net would resample them "
-                        "along time. Write every clip with the same spacing (video convert does).")
-    if time_spacings and abs(float(configuration_spacing[0]) - time_spacings[0]) > 1e-4 * time_spacings[0]:
-        raise PlanError(f"This configuration resamples along time (spacing {configuration_spacing[0]} vs the "
-                        f"clips' {time_spacings[0]}); train Vivim on 3d_fullres.")
+def planned_vivim_kwargs(configuration_manager, trainer: type, configuration: str = "this configuration",
+                         dataset: str = "DATASET") -> dict:
+    """Return a copy of the configuration's Vivim arch_kwargs; PlanError naming the command if it has none."""
+    wanted = VIVIM_CONFIGURATIONS[trainer.vivim_mixer]
+    command = (f"Add the Vivim configurations with `{plan_command(dataset)}` (after nnUNetv2_plan_and_preprocess) "
+               f"and train them: nnUNetv2_train {dataset} {wanted} FOLD -tr {trainer.__name__}.")
+    try:
+        network_class = configuration_manager.network_arch_class_name
+        arch_kwargs = copy.deepcopy(dict(configuration_manager.network_arch_init_kwargs))
+    except (KeyError, TypeError):
+        raise PlanError(f"{trainer.__name__}: {configuration} has no architecture entry. {command}") from None
+    if network_class != VIVIM_NETWORK_CLASS:
+        raise PlanError(f"{trainer.__name__} trains Vivim, but {configuration} describes {network_class}. "
+                        f"{command}")
+    planned_mixer = arch_kwargs.get("mixer", "alternating")
+    if planned_mixer != trainer.vivim_mixer:
+        raise PlanError(f"{configuration} describes Vivim with the {planned_mixer!r} mixer, but {trainer.__name__} "
+                        f"trains the {trainer.vivim_mixer!r} mixer; use nnUNetv2_train {dataset} {wanted} FOLD "
+                        f"-tr {trainer.__name__}.")
+    return arch_kwargs
 
 
 class nnUNetTrainerVivim(nnUNetTrainerMambaBase):
@@ -94,21 +81,18 @@ class nnUNetTrainerVivim(nnUNetTrainerMambaBase):
     is_concrete = True
     #: Mixer of the Temporal Mamba layers ("alternating" or "st_v3").
     vivim_mixer = "alternating"
-    #: Frames per training patch (the paper's clip length).
-    nframes = 5
-    #: Largest in-plane patch size (the paper's 256 x 256 crops).
-    max_inplane_patch = 256
     min_lr = 1e-6
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        dataset = plans.get("dataset_name", "DATASET")
+        if configuration not in plans.get("configurations", {}):
+            raise PlanError(f"The plans of {dataset} have no configuration {configuration!r} (they have "
+                            f"{sorted(plans.get('configurations', {}))}). Add the Vivim configurations with "
+                            f"`{plan_command(dataset)}` and train "
+                            f"{VIVIM_CONFIGURATIONS[self.vivim_mixer]}.")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        adjusted = video_configuration(self.configuration_manager.configuration, self.nframes,
-                                       self.max_inplane_patch)
-        adjusted.pop("inherits_from", None)  # already resolved into this dict
-        # Written into the plans, because nnU-Net saves them with the model and the predictor reads them back.
-        self.plans_manager.plans["configurations"][configuration] = adjusted
-        self.configuration_manager = ConfigurationManager(adjusted)
+        planned_vivim_kwargs(self.configuration_manager, type(self), f"configuration {configuration!r}", dataset)
         check_time_axis(self.plans_manager.transpose_forward, self.configuration_manager.spacing,
                         self._dataset_spacings())
         self.initial_lr = 1e-4
@@ -126,9 +110,24 @@ class nnUNetTrainerVivim(nnUNetTrainerMambaBase):
             return json.load(handle).get("spacings", [])
 
     @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        """Return the Vivim the configuration describes (no deep supervision: one full-resolution output)."""
+        if is_legacy_vivim_configuration(configuration_manager):
+            logger.warning("These plans were written by an earlier nnunetv2-mamba Vivim trainer; building its "
+                           "network (default Vivim, %d frames). New trainings use `%s`.",
+                           configuration_manager.patch_size[0], plan_command())
+            arch_kwargs = vivim_arch_kwargs(configuration_manager.patch_size[0], cls.vivim_mixer)
+        else:
+            dataset = getattr(plans_manager, "dataset_name", None) or "DATASET"
+            arch_kwargs = planned_vivim_kwargs(configuration_manager, cls, dataset=dataset)
+        return build_vivim(configuration_manager.patch_size, num_input_channels, num_output_channels, **arch_kwargs)
+
+    @classmethod
     def build_network(cls, plan, enable_deep_supervision: bool):
-        """Return Vivim for the plan (no deep supervision: a single full-resolution output)."""
-        return build_vivim(plan, mixer=cls.vivim_mixer)
+        """Return Vivim with its default sizes for a U-Net NetworkPlan (benchmarks): nframes = patch_size[0]."""
+        return build_vivim(plan.patch_size, plan.input_channels, plan.num_classes,
+                           **vivim_arch_kwargs(plan.patch_size[0], cls.vivim_mixer))
 
     def configure_optimizers(self):
         """Return Adam(1e-4, no weight decay) and a cosine decay to 1e-6 indexed by epoch."""

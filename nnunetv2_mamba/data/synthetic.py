@@ -1,14 +1,16 @@
-"""A small synthetic nnU-Net raw dataset (spheres and boxes in noise) for quick starts and end-to-end tests."""
+"""Synthetic data for quick starts and tests: an nnU-Net raw dataset (spheres and boxes in noise) and videos
+(a moving disk, frames and masks in the layout `nnunetv2_mamba video convert` reads)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence, Tuple
 
 import numpy as np
+
+from nnunetv2_mamba.data.video_io import FRAMES_DIR, MASKS_DIR
+from nnunetv2_mamba.io import staged_directory
 
 LABELS = {"background": 0, "sphere": 1, "box": 2}
 
@@ -59,9 +61,7 @@ def make_synthetic_dataset(raw_root: os.PathLike, dataset_id: int, name: str = "
     folder = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; remove it or choose another dataset id.")
-    raw_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=raw_root))
-    try:
+    with staged_directory(folder) as staging:
         rng = np.random.default_rng(seed)
         stored_shape = shape if len(shape) == 3 else (1,) + shape
         spacing = (1.0,) * 3 if len(shape) == 3 else (999.0, 1.0, 1.0)
@@ -77,8 +77,31 @@ def make_synthetic_dataset(raw_root: os.PathLike, dataset_id: int, name: str = "
                         "file_ending": ".nii.gz", "name": name,
                         "description": "Synthetic spheres (1) and boxes (2) in Gaussian noise"}
         (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
+
+
+def make_synthetic_videos(root: os.PathLike, n_videos: int = 6, nframes: int = 8, size: Tuple[int, int] = (64, 64),
+                          seed: int = 0, frame_format: str = "png", prefix: str = "video") -> Path:
+    """Write <root>/frames/<video>/<i>.<fmt> RGB frames of a moving disk and <root>/masks/... 0/255 PNG masks."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    height, width = size
+    rows, cols = np.mgrid[0:height, 0:width]
+    for video in range(n_videos):
+        frames_dir, masks_dir = root / FRAMES_DIR / f"{prefix}{video:02d}", root / MASKS_DIR / f"{prefix}{video:02d}"
+        frames_dir.mkdir(parents=True)
+        masks_dir.mkdir(parents=True)
+        center = rng.uniform(0.3, 0.7, 2) * (height, width)
+        velocity = rng.uniform(-2.0, 2.0, 2)
+        radius = rng.uniform(0.12, 0.22) * min(size)
+        colour = rng.uniform(120, 255, 3)
+        for index in range(nframes):
+            cy, cx = center + index * velocity
+            mask = (rows - cy) ** 2 + (cols - cx) ** 2 < radius ** 2
+            frame = rng.normal(60, 15, (height, width, 3))
+            frame[mask] = colour + rng.normal(0, 10, (int(mask.sum()), 3))
+            Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8)).save(frames_dir / f"{index:04d}.{frame_format}")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(masks_dir / f"{index:04d}.png")
+    return root

@@ -1,4 +1,4 @@
-"""``nnunetv2_mamba video convert | export | evaluate``: the video data tools on the command line.
+"""``nnunetv2_mamba video convert | plan | export | evaluate``: the video data tools on the command line.
 
 ``add_video_subcommands(subparsers)`` is called by ``nnunetv2_mamba.cli``; each handler returns an exit code.
 """
@@ -15,7 +15,7 @@ def _default_raw_root() -> str:
 
 def command_convert(args: argparse.Namespace) -> int:
     """Convert a folder of videos into an nnU-Net raw dataset; print where it went."""
-    from nnunetv2_mamba.data.video import video_to_nnunet
+    from nnunetv2_mamba.data.video_convert import video_to_nnunet
 
     raw_root = args.raw_root or _default_raw_root()
     if not raw_root:
@@ -26,13 +26,28 @@ def command_convert(args: argparse.Namespace) -> int:
                              frames_dir=args.frames_dir, masks_dir=args.masks_dir)
     print(f"Wrote {folder}")
     print(f"Next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres && "
-          f"nnUNetv2_train {args.dataset_id} 3d_fullres 0 -tr nnUNetTrainerVivim")
+          f"nnunetv2_mamba video plan -d {args.dataset_id} && "
+          f"nnUNetv2_train {args.dataset_id} 3d_fullres_vivim 0 -tr nnUNetTrainerVivim")
+    return 0
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    """Add the Vivim configurations to a dataset's nnU-Net plans; print what was added."""
+    from nnunetv2_mamba.data.video_plan import VIVIM_CONFIGURATIONS, plan_vivim
+
+    plans_file = plan_vivim(args.dataset, plans_identifier=args.plans, preprocessed_root=args.preprocessed,
+                            nframes=args.frames, max_inplane=args.max_inplane)
+    alternating, v3 = VIVIM_CONFIGURATIONS["alternating"], VIVIM_CONFIGURATIONS["st_v3"]
+    print(f"Added the configurations {alternating} and {v3} to {plans_file} (they use 3d_fullres's "
+          "preprocessed data).")
+    print(f"Next: nnUNetv2_train {args.dataset} {alternating} 0 -tr nnUNetTrainerVivim  "
+          f"(or {v3} with -tr nnUNetTrainerVivimV3)")
     return 0
 
 
 def command_export(args: argparse.Namespace) -> int:
     """Write nnU-Net predictions as per-frame mask images; print where they went."""
-    from nnunetv2_mamba.data.video import predictions_to_frames
+    from nnunetv2_mamba.data.video_export import predictions_to_frames
 
     folder = predictions_to_frames(args.predictions, args.dataset, args.output,
                                    foreground_value=args.foreground_value, image_format=args.format,
@@ -55,8 +70,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_video_subcommands(subparsers) -> None:
-    """Register ``video convert``, ``video export`` and ``video evaluate`` on the CLI's subparsers."""
-    video = subparsers.add_parser("video", help="video data tools for Vivim: convert, export, evaluate")
+    """Register ``video convert``, ``video plan``, ``video export`` and ``video evaluate`` on the CLI's subparsers."""
+    video = subparsers.add_parser("video", help="video data tools for Vivim: convert, plan, export, evaluate")
     commands = video.add_subparsers(dest="video_command", required=True)
 
     convert = commands.add_parser(
@@ -76,6 +91,17 @@ def add_video_subcommands(subparsers) -> None:
     convert.add_argument("--frames-dir", default="frames", help="name of the frames sub-folder")
     convert.add_argument("--masks-dir", default="masks", help="name of the masks sub-folder")
     convert.set_defaults(func=command_convert)
+
+    plan = commands.add_parser(
+        "plan", help="add the Vivim configurations (3d_fullres_vivim, 3d_fullres_vivim_v3) to nnU-Net's plans")
+    plan.add_argument("-d", "--dataset", required=True, help="dataset id (501) or name (Dataset501_Polyps)")
+    plan.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    plan.add_argument("--preprocessed", default=None, help="nnU-Net preprocessed folder "
+                                                           "(default: $nnUNet_preprocessed)")
+    plan.add_argument("--frames", type=int, default=5, help="frames per training patch (the paper's 5)")
+    plan.add_argument("--max-inplane", type=int, default=256,
+                      help="largest in-plane patch size, a multiple of 32 (the paper's 256)")
+    plan.set_defaults(func=command_plan)
 
     export = commands.add_parser("export", help="nnU-Net predictions -> one mask image per frame")
     export.add_argument("predictions", help="folder of nnUNetv2_predict outputs (<case>.nii.gz)")

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_mamba.data.video import VideoDataError, find_videos, natural_key, read_all_masks, read_masks
+from nnunetv2_mamba.data.video_io import VideoDataError, find_videos, natural_key, read_all_masks, read_masks
+from nnunetv2_mamba.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +110,15 @@ def evaluate_masks(prediction_dir: os.PathLike, reference_dir: os.PathLike,
 
 
 def write_reports(evaluation: VideoEvaluation, output_dir: os.PathLike) -> Dict[str, Path]:
-    """Write video_metrics.json, video_metrics.csv (per video + dataset rows), frame_metrics.csv; return paths."""
+    """Write video_metrics.json, video_metrics.csv (per video + dataset rows), frame_metrics.csv; return paths.
+
+    Each file is written atomically (never half-written; an earlier report stays until it is replaced).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "video_metrics.json", "videos_csv": output_dir / "video_metrics.csv",
              "frames_csv": output_dir / "frame_metrics.csv"}
-    _atomic_write(paths["json"], json.dumps(evaluation.as_dict(), indent=1))
+    atomic_write(paths["json"], json.dumps(evaluation.as_dict(), indent=1))
     video_rows = [dict(row) for row in evaluation.videos]
     video_rows.append({"video": "ALL (mean over frames)", **{k: v for k, v in evaluation.dataset.items()
                                                              if k != "videos"}})
@@ -122,8 +126,8 @@ def write_reports(evaluation: VideoEvaluation, output_dir: os.PathLike) -> Dict[
                                                              if k != "videos"}})
     for row in video_rows:
         row["fps"] = "" if evaluation.fps is None else evaluation.fps
-    _atomic_write(paths["videos_csv"], _csv_text(["video", "frames", *METRICS, "fps"], video_rows))
-    _atomic_write(paths["frames_csv"], _csv_text(["video", "frame", *METRICS, "tp", "fp", "fn"], evaluation.frames))
+    atomic_write(paths["videos_csv"], _csv_text(["video", "frames", *METRICS, "fps"], video_rows))
+    atomic_write(paths["frames_csv"], _csv_text(["video", "frame", *METRICS, "tp", "fp", "fn"], evaluation.frames))
     return paths
 
 
@@ -136,13 +140,6 @@ def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename (never a half-written file)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def evaluate_video_predictions(prediction_dir: os.PathLike, reference_dir: os.PathLike,

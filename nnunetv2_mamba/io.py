@@ -1,0 +1,101 @@
+"""Writing files and folders so that a failure never leaves anything half-written.
+
+``atomic_write(path, data)``: the data goes to a temporary file in the same folder, is flushed and fsync'ed, then
+renamed over ``path`` (``os.replace`` is atomic within one file system). ``staged_directory(path)``: a context
+manager that yields a hidden folder beside ``path``; the caller fills it, and only when the block ends without an
+error is it renamed to ``path``. On an error the temporary file or folder is removed and an existing ``path`` is
+left as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Union
+
+
+def _hidden_sibling(path: Path, kind: str) -> Path:
+    """Return an unused hidden name in path's folder (same file system, so a rename is atomic)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk where the platform allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems (and Windows) cannot fsync a folder; the rename itself is still atomic
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes]) -> Path:
+    """Write text or bytes to ``path`` through a temporary file and a rename; return the path.
+
+    The file is never seen half-written: readers get the old content until the rename and the new content after.
+    """
+    path = Path(path)
+    temporary = _hidden_sibling(path, "tmp")
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    try:
+        # Mode "x" creates the file with the user's umask (tempfile.mkstemp would force 0600).
+        with open(temporary, "xb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def staged_directory(path: Union[str, os.PathLike], replace: bool = False) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``path``; rename it to ``path`` when the block succeeds.
+
+    ``replace=False``: an existing ``path`` raises FileExistsError (before the block runs). ``replace=True``: an
+    existing ``path`` is replaced only after the block succeeded; until then it stays intact. On any error
+    (KeyboardInterrupt included) the staging folder is removed and the error propagates.
+    """
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} already exists; remove it or choose another name.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _hidden_sibling(path, "staging")
+    staging.mkdir()  # not tempfile.mkdtemp: that would make the published folder private (0700)
+    try:
+        yield staging
+        _publish(staging, path, replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, path: Path, replace: bool) -> None:
+    """Rename staging to path; an existing path is moved aside first and restored if the rename fails."""
+    if not path.exists():
+        staging.rename(path)
+    elif not replace:
+        raise FileExistsError(f"{path} appeared while it was being written; nothing was replaced.")
+    else:
+        previous = _hidden_sibling(path, "previous")
+        path.rename(previous)
+        try:
+            staging.rename(path)
+        except BaseException:
+            previous.rename(path)
+            raise
+        if previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            previous.unlink()
+    _fsync_folder(path.parent)
