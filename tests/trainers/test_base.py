@@ -8,7 +8,7 @@ import torch
 from nnunetv2_mamba.network_architectures.vivim import STMambaV3, Vivim
 from nnunetv2_mamba.trainers.base import describe_scan_backends, precision_policy
 from nnunetv2_mamba.trainers.umamba import nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBotNoAMP
-from tests.test_umamba_trainers import make_trainer
+from tests.trainers.test_umamba import make_trainer
 
 
 def log_text(trainer):

@@ -6,7 +6,7 @@ import pytest
 from nnunetv2_mamba.cli import main
 from nnunetv2_mamba.data.video_plan import VIVIM_NETWORK_CLASS, plan_vivim
 from nnunetv2_mamba.plans import PlanError
-from tests.test_vivim_trainer import DATASET_NAME, planned_plans
+from tests.trainers.test_vivim import DATASET_NAME, planned_plans
 
 
 def write_planned_dataset(root, fingerprint_spacings=((10.0, 1.0, 1.0), (10.0, 1.0, 1.0))):

@@ -17,7 +17,7 @@ from nnunetv2_mamba.layers import (Mamba, init_dt_projection_, selective_scan_br
 from nnunetv2_mamba.network_architectures.logvmamba_mixers import (GlobalTokenMixer, LocalGlobalTokenMixer,
                                                                    LocalTokenMixer, VanillaScanMixer)
 from nnunetv2_mamba.network_architectures.vivim import STMambaV3
-from tests.test_scan import reference_scan
+from tests.nnunetv2_mamba.ssm.test_scan import reference_scan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mixers_before_ssm_core.pt"
 

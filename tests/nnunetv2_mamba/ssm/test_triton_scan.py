@@ -34,7 +34,7 @@ def run_case(length, bc, batch, channels, with_optional, softplus):
     import torch
 
     from nnunetv2_mamba.ssm import selective_scan
-    from tests.test_scan import make_inputs, reference_scan
+    from tests.nnunetv2_mamba.ssm.test_scan import make_inputs, reference_scan
 
     inputs = make_inputs(batch=batch, channels=channels, d_state=4, length=length, bc=bc, dtype=torch.float32,
                          seed=length, with_d=with_optional, with_z=with_optional, with_bias=with_optional)

@@ -16,7 +16,7 @@ from nnunetv2_mamba.schedulers import CosineAnnealingEpochLR, OneCycleEpochLR
 from nnunetv2_mamba.trainers import discovery
 from nnunetv2_mamba.trainers import taming
 
-from tests.test_taming_networks import PLANS, _ConfigurationManager
+from tests.network_architectures.test_taming import PLANS, _ConfigurationManager
 
 REFERENCE = {  # trainer: (network class, epochs, schedule) from ARCHITECTURES.md §2.1's table
     "nnUNetTrainerSegMamba": (taming_networks.SegMamba, 1000, "cosine"),

@@ -11,8 +11,8 @@ from nnunetv2_mamba.ssm import get_backend
 from nnunetv2_mamba.trainers.logvmamba import (nnUNetTrainerGVMamba, nnUNetTrainerLoGVMamba,
                                                nnUNetTrainerLoGVMambaPaperRecipe, nnUNetTrainerLVMamba)
 from tests.amp_training import check_real_training_steps
-from tests.test_logvmamba import arch_kwargs, benchmark_arch
-from tests.test_logvmamba_trainers import make_batch, make_trainer
+from tests.network_architectures.test_logvmamba import arch_kwargs, benchmark_arch
+from tests.trainers.test_logvmamba import make_batch, make_trainer
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ from nnunetv2_mamba.plans import PlanError
 from nnunetv2_mamba.trainers.base import NoAMPMixin
 from nnunetv2_mamba.trainers.logvmamba import (StepDecayEpochLR, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMamba,
                                                nnUNetTrainerLoGVMambaPaperRecipe, nnUNetTrainerLVMamba)
-from tests.test_logvmamba import PLANS
+from tests.network_architectures.test_logvmamba import PLANS
 
 TRAINERS = [nnUNetTrainerLoGVMamba, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMambaPaperRecipe]
 
@@ -138,7 +138,7 @@ DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 
 def make_plans(plan="3d_4stages", configuration="3d_fullres"):
     """Return a plans dict (as nnU-Net 2.8 writes plans.json) whose configuration holds a test plan.
 
-    ``plan`` is a name of tests.test_logvmamba.PLANS or an (arch_kwargs, patch_size) pair.
+    ``plan`` is a name of tests.network_architectures.test_logvmamba.PLANS or an (arch_kwargs, patch_size) pair.
     """
     arch, patch = PLANS[plan] if isinstance(plan, str) else plan
     dim = len(patch)

@@ -8,7 +8,7 @@ from nnunetv2_mamba.plans import NetworkPlan
 from nnunetv2_mamba.ssm import get_backend
 from nnunetv2_mamba.trainers import taming
 from tests.amp_training import check_real_training_steps
-from tests.test_taming_trainers import make_batch, make_plans, make_trainer
+from tests.trainers.test_taming import make_batch, make_plans, make_trainer
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,7 @@ from nnunetv2_mamba.trainers.base import NoAMPMixin
 from nnunetv2_mamba.trainers.umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBotNoAMP,
                                             nnUNetTrainerUMambaEnc, nnUNetTrainerUMambaEncNoAMP)
 from tests.amp_training import check_real_training_steps
-from tests.test_umamba_trainers import make_batch, make_trainer
+from tests.trainers.test_umamba import make_batch, make_trainer
 
 pytestmark = pytest.mark.gpu
 

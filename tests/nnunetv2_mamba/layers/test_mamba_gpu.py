@@ -5,7 +5,7 @@ import torch
 from nnunetv2_mamba.layers import Mamba
 from nnunetv2_mamba.layers.precision import run_in_fp32
 from nnunetv2_mamba.ssm import get_backend, selective_scan
-from tests.test_scan import make_inputs
+from tests.nnunetv2_mamba.ssm.test_scan import make_inputs
 
 pytestmark = pytest.mark.gpu
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_mamba.layers import Mamba
-from tests.test_scan import reference_scan
+from tests.nnunetv2_mamba.ssm.test_scan import reference_scan
 
 
 def expected_shapes(d_model, d_state=16, d_conv=4, expand=2):
