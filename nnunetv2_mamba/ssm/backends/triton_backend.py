@@ -17,9 +17,6 @@ from nnunetv2_mamba.ssm.backends.base import ScanBackend
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The (channels, d_state, tokens) tiles live in registers; beyond 64 states they spill.
 MAX_D_STATE = 64
-# "Automatic choice by shape": on short sequences with many channels the chunks give too little parallel
-# work and mamba_ssm's one-pass kernel is faster (measured, benchmarks/TRITON_NOTES.md).
-SHORT_SEQUENCE, MANY_CHANNELS = 4096, 512
 
 
 def _interpreting() -> bool:
@@ -58,10 +55,6 @@ class TritonBackend(ScanBackend):
             return (f"the triton backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}. "
                     "Use backend='mamba_ssm' or 'torch'.")
         return None
-
-    def preferred_for(self, u: torch.Tensor, A: torch.Tensor) -> bool:
-        """Return False where another backend is known to be faster (short sequences, many channels)."""
-        return not (u.shape[-1] <= SHORT_SEQUENCE and u.shape[1] >= MANY_CHANNELS)
 
     def scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              return_last_state=False):
