@@ -672,11 +672,11 @@ class LoGVMamba(nn.Module):
                  variant: str = "LoG", d_state: int = 16, d_conv: int = 3, drop_path: float = 0.1,
                  backend: Optional[str] = None):
         super().__init__()
-        assert len(features_per_stage) == n_stages, f"features_per_stage needs {n_stages} entries; got {features_per_stage}"
+        assert len(features_per_stage) == n_stages, f"features_per_stage needs {n_stages} entries"
         topology = logvmamba_topology(input_size, features_per_stage, kernel_sizes, strides, n_blocks_per_stage,
                                       n_conv_per_stage_decoder, variant)
         dim = topology.dim
-        assert convert_conv_op_to_dim(conv_op) == dim, f"conv_op {conv_op.__name__} does not fit input_size {input_size}"
+        assert convert_conv_op_to_dim(conv_op) == dim, f"conv_op {conv_op.__name__} does not fit {list(input_size)}"
         interpolation = "trilinear" if dim == 3 else "bilinear"
         self.topology, self.variant = topology, variant
         self.input_size = tuple(input_size)

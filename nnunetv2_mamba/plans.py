@@ -149,7 +149,8 @@ class NetworkPlan:
             raise PlanError("The plan has neither n_blocks_per_stage nor n_conv_per_stage.")
         plan = cls(
             input_channels=int(input_channels), num_classes=int(num_classes), patch_size=patch_size,
-            n_stages=n_stages, features_per_stage=_per_stage(arch["features_per_stage"], n_stages, "features_per_stage"),
+            n_stages=n_stages,
+            features_per_stage=_per_stage(arch["features_per_stage"], n_stages, "features_per_stage"),
             kernel_sizes=_per_axis(arch["kernel_sizes"], n_stages, dim, "kernel_sizes"),
             strides=_per_axis(arch["strides"], n_stages, dim, "strides"),
             n_blocks_per_stage=_per_stage(arch[blocks_key], n_stages, blocks_key),

@@ -7,7 +7,8 @@ Run as a script from the repository root to (re)write ``fixtures/networks_before
 Every network is built as training builds it: through its trainer's ``build_network_architecture`` (nnU-Net's
 2.8 signature, also what the predictor calls) from a small nnU-Net configuration, under ``torch.manual_seed(0)``,
 with the torch scan backend, in fp32 on the CPU, then run in eval mode on a fixed seeded input. Per network the
-file holds the state_dict (packed: ``unpack_state``), the input, the output(s) (every deep-supervision output) and the parameter count.
+file holds the state_dict (packed: ``unpack_state``), the input, the output(s) (every deep-supervision output)
+and the parameter count.
 
 Vivim's trainer describes MiT-B3 in the plans, which is too large to store (58.7 M parameters); the stored Vivim
 networks are tiny MiT widths built from the trainer-adjusted plan (``build_vivim_like_trainer``), and the
