@@ -5,7 +5,8 @@
   ``n_blocks - 1`` dynamic_network_architectures ``BasicBlockD`` (ResNet-D) blocks, as an ``nn.Sequential`` so
   that state_dict keys read ``<stage>.0.conv1.weight``, ``<stage>.1.conv1.conv.weight``, like the reference.
 - ``UpsampleLayer``: interpolation followed by a 1x1 conv (not a transposed conv).
-- ``init_he``: nnU-Net's ``InitWeights_He(1e-2)`` applied to a whole model.
+- ``init_he``: the initialisation rule of the conv networks (nnU-Net's ``InitWeights_He(1e-2)`` on the whole
+  model, called at the end of every network's ``__init__``).
 
 Only torch and dynamic_network_architectures are imported here (never nnunetv2), so other families
 (LoG-VMamba, ...) can reuse the blocks without depending on nnU-Net.
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -124,7 +125,20 @@ class UpsampleLayer(nn.Module):
         return f"scale_factor={self.scale_factor}, mode={self.mode!r}"
 
 
-def init_he(module: nn.Module, neg_slope: float = 1e-2) -> nn.Module:
-    """Return ``module`` after nnU-Net's He init (Kaiming-normal conv weights, zero conv biases)."""
-    module.apply(InitWeights_He(neg_slope))
-    return module
+def init_he(network: nn.Module, neg_slope: float = 1e-2, zero_residual_branch_norms: bool = False) -> nn.Module:
+    """Return ``network`` after the plugin's initialisation rule for its convolutional networks.
+
+    The rule (one for every family): a network initialises itself as the last statement of its own
+    ``__init__``, so a network constructed directly is initialised exactly as it trains; builders and trainers
+    never initialise. U-Mamba, LoG-VMamba and the Taming networks call this helper: nnU-Net's
+    ``InitWeights_He(1e-2)`` over the whole model (Kaiming-normal weights and zero biases of every Conv /
+    ConvTranspose, including the mixers' convs; Linear, norm, Mamba and frozen non-Conv parameters keep their
+    own initialisation). ``zero_residual_branch_norms`` (Taming, whose encoder and decoder are nnU-Net's
+    residual blocks) then zeroes the last norm of every BasicBlockD / BottleneckD branch, as nnU-Net's ResEnc
+    U-Net does. Vivim follows the same rule with its papers' scheme (SegFormer / TMB init in its ``__init__``).
+    Drawing the He weights after every submodule exists keeps the random stream of the reference builders.
+    """
+    network.apply(InitWeights_He(neg_slope))
+    if zero_residual_branch_norms:
+        network.apply(init_last_bn_before_add_to_0)
+    return network

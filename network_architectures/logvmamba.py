@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op
 
 from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, init_he, residual_stage
 from nnunetv2_mamba.network_architectures.logvmamba_geometry import logvmamba_topology
@@ -34,10 +35,6 @@ from nnunetv2_mamba.plans import NetworkPlan, PlanError
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoGVMambaDecoder", "LoGVMamba", "build_logvmamba"]
-
-_CONV_OPS = {2: nn.Conv2d, 3: nn.Conv3d}
-_MAX_POOL_OPS = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_INTERPOLATION = {2: "bilinear", 3: "trilinear"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,44 +96,41 @@ class LoGVMamba(nn.Module):
                  variant: str = "LoG", d_state: int = 16, d_conv: int = 3, drop_path: float = 0.1,
                  backend: Optional[str] = None):
         super().__init__()
-        if len(features_per_stage) != int(n_stages):
-            raise PlanError(f"features_per_stage has {len(features_per_stage)} entries; n_stages is {n_stages}.")
+        assert len(features_per_stage) == n_stages, f"features_per_stage needs {n_stages} entries"
         topology = logvmamba_topology(input_size, features_per_stage, kernel_sizes, strides, n_blocks_per_stage,
                                       n_conv_per_stage_decoder, variant)
         dim = topology.dim
-        if conv_op is not _CONV_OPS[dim]:
-            raise PlanError(f"conv_op {getattr(conv_op, '__name__', conv_op)} does not match the {dim}D patch size "
-                            f"{list(input_size)}; use {_CONV_OPS[dim].__name__}.")
+        assert convert_conv_op_to_dim(conv_op) == dim, f"conv_op {conv_op.__name__} does not fit {list(input_size)}"
+        interpolation = "trilinear" if dim == 3 else "bilinear"
         self.topology, self.variant = topology, variant
-        self.input_size = tuple(int(v) for v in input_size)
+        self.input_size = tuple(input_size)
         specs = topology.stages
 
         def make_mixer(stage: int, channels: int, map_size: Tuple[int, ...]) -> nn.Module:
             spec = specs[stage]
-            if channels != spec.channels or tuple(map_size) != spec.map_size:
-                raise ValueError(f"Encoder stage {stage} has {channels} channels on {list(map_size)}; the LoG mapping "
-                                 f"expected {spec.channels} on {list(spec.map_size)}.")
+            assert (channels, tuple(map_size)) == (spec.channels, spec.map_size), \
+                f"encoder stage {stage} ({channels} channels on {list(map_size)}) does not fit the LoG mapping"
             return LoGMambaLayer(spec, dim, d_state, d_conv, drop_path, backend)
 
-        stage_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=dict(norm_op_kwargs or {}),
-                            dropout_op=dropout_op,
-                            dropout_op_kwargs=None if dropout_op_kwargs is None else dict(dropout_op_kwargs),
-                            nonlin=nonlin, nonlin_kwargs=dict(nonlin_kwargs or {}))
+        pool = get_matching_pool_op(conv_op, pool_type="max")
         self.encoder = UMambaEncoder(
             input_channels, topology.n_stages, list(topology.features), conv_op,
             [list(k) for k in topology.kernels], [list(s) for s in topology.strides], list(topology.encoder_blocks),
+            conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
             input_size=topology.input_size, mixer_factory=make_mixer,
-            stem_pool=_MAX_POOL_OPS[dim](kernel_size=topology.pool_stride, stride=topology.pool_stride),
-            stem_kernel_size=list(topology.stem_kernel), **stage_kwargs)
+            stem_pool=pool(kernel_size=topology.pool_stride, stride=topology.pool_stride),
+            stem_kernel_size=list(topology.stem_kernel))
         self.decoder = LoGVMambaDecoder(self.encoder, list(topology.decoder_blocks), deep_supervision,
-                                        upsample_mode=_INTERPOLATION[dim])
+                                        upsample_mode=interpolation)
         stem_features = topology.stem_features
-        self.upsample = UpsampleLayer(conv_op, topology.features[0], stem_features, topology.pool_stride,
-                                      _INTERPOLATION[dim])
+        self.upsample = UpsampleLayer(conv_op, topology.features[0], stem_features, topology.pool_stride, interpolation)
         self.conv = BasicResBlock(conv_op, stem_features, stem_features, list(topology.stem_kernel), 1,
-                                  use_1x1conv=False, norm_op=norm_op, norm_op_kwargs=stage_kwargs["norm_op_kwargs"],
-                                  nonlin=nonlin, nonlin_kwargs=stage_kwargs["nonlin_kwargs"])
+                                  use_1x1conv=False, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, nonlin=nonlin,
+                                  nonlin_kwargs=nonlin_kwargs)
         self.seg_layer = conv_op(stem_features, num_classes, kernel_size=1, bias=True)
+        # Whole-model He init, as the reference: it also re-initialises the mixers' spatial/GTX convs; the Unfold
+        # kernel is not a Conv module and stays one-hot.
+        init_he(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits (B, num_classes, *S) at the input resolution."""
@@ -151,7 +145,7 @@ class LoGVMamba(nn.Module):
 
 def build_logvmamba(plan: NetworkPlan, deep_supervision: bool = False, variant: str = "LoG",
                     backend: Optional[str] = None) -> LoGVMamba:
-    """Return LoG-VMamba (variant "LoG", "L" or "G") for the plan, He-initialised, as the trainers build it.
+    """Return LoG-VMamba (variant "LoG", "L" or "G") for the plan, as the trainers build it.
 
     ``deep_supervision`` is stored on ``decoder.deep_supervision`` only: the network has one output.
     """
@@ -159,13 +153,10 @@ def build_logvmamba(plan: NetworkPlan, deep_supervision: bool = False, variant: 
         network = LoGVMamba(
             **plan.unet_kwargs(with_input_size=True), deep_supervision=deep_supervision, variant=variant,
             backend=backend)
-    except ValueError as error:
+    except ValueError as error:  # the LoG mapping of §3.4 cannot be made for this plan
         if isinstance(error, PlanError):
             raise
         raise PlanError(f"Cannot build LoG-VMamba ({variant}) from this plan: {error}") from error
-    # Whole-model He init, as the reference: it also re-initialises the mixers' spatial/GTX convs; the Unfold
-    # kernel is not a Conv module and stays one-hot.
-    init_he(network)
     logger.debug("Built LoG-VMamba (%s) for patch %s: roles %s.", variant, plan.patch_size,
                  [spec.role for spec in network.topology.stages])
     return network

@@ -8,24 +8,26 @@ and differ only in the Mamba mixer that follows every encoder stage (ARCHITECTUR
 - MultiSegMamba (3D only): four axis orders, each bidirectional as in BiSegMamba, averaged; no outer LayerNorm.
 - SegMambaSkip: BiSegMamba's mixer, but only on the skip connections; the main path keeps the conv features.
 
-Plain ``torch.nn``: the constructors take explicit arguments (nnU-Net's ``arch_kwargs`` names), so the networks
-work outside nnU-Net; ``build_taming_network(name, plan, deep_supervision)`` builds one from a ``NetworkPlan``.
+Plain ``torch.nn``: the constructors take explicit, already-normal arguments (nnU-Net's ``arch_kwargs`` names,
+per-stage lists and per-axis kernel/stride lists as ``NetworkPlan`` gives them, checked with asserts), so the
+networks work outside nnU-Net, and initialise themselves at the end of ``__init__`` (``blocks.init_he``);
+``build_taming_network(name, plan, deep_supervision)`` builds one from a ``NetworkPlan``.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
-import numpy as np
 import torch
 from torch import nn
 
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
 from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_in_fp32,
                                    run_on_map)
+from nnunetv2_mamba.network_architectures.blocks import init_he
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
 
@@ -36,9 +38,6 @@ MULTI_D_STATE_CAP = 64
 #: MultiSegMamba's scan orders (spatial axes, slowest first): items 0, 1, 2 and 4 of
 #: itertools.permutations((0, 1, 2)), as in the reference.
 MULTI_AXIS_ORDERS: Tuple[Tuple[int, int, int], ...] = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (2, 0, 1))
-
-_CONV_DIMS = {nn.Conv2d: 2, nn.Conv3d: 3}
-
 
 class MambaTrans(nn.Module):
     """Pre-norm Mamba block with a linear head on tokens: h + Mamba(LN(h)), then + Linear(LN(.))."""
@@ -172,28 +171,6 @@ class TamingEncoder(nn.Module):
         return skips
 
 
-def _as_list(values, count: int, name: str) -> list:
-    """Return a private list of ``count`` entries (an int is repeated), or raise a clear ValueError."""
-    if isinstance(values, (int, np.integer)):
-        return [int(values)] * count
-    values = list(values)
-    if len(values) != count:
-        raise ValueError(f"{name} has {len(values)} entries ({values}); it needs {count} (one per stage).")
-    return values
-
-
-def _per_axis(values, count: int, dim: int, name: str) -> List[List[int]]:
-    """Return ``count`` per-axis int lists for a dim-D network (ints expanded), or raise a clear ValueError."""
-    result = []
-    for stage, value in enumerate(_as_list(values, count, name)):
-        axes = [int(value)] * dim if isinstance(value, (int, np.integer)) else [int(v) for v in value]
-        if len(axes) != dim:
-            raise ValueError(f"{name}[{stage}]={list(value)} has {len(axes)} axes, but conv_op is {dim}D; "
-                             f"give one entry per spatial axis.")
-        result.append(axes)
-    return result
-
-
 class TamingMambaUNet(nn.Module):
     """Residual U-Net with Taming-Mambas mixers; subclasses choose the mixer (``mixer_type``) and wiring."""
 
@@ -210,9 +187,10 @@ class TamingMambaUNet(nn.Module):
     #: Appended to dimension errors: what to use instead.
     dimension_hint: str = ""
 
-    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_blocks_per_stage: Union[int, Sequence[int]],
-                 num_classes: int, n_conv_per_stage_decoder: Union[int, Sequence[int]], conv_bias: bool = True,
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
+                 conv_op: Type[nn.Module], kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
+                 n_blocks_per_stage: Sequence[int], num_classes: int, n_conv_per_stage_decoder: Sequence[int],
+                 conv_bias: bool = True,
                  norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
                  dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
                  nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
@@ -223,38 +201,27 @@ class TamingMambaUNet(nn.Module):
         if self.mixer_type not in ("forward", "bidirectional", "multi_axis"):
             raise TypeError(f"{name} does not define a mixer; use SegMamba, BiSegMamba, MultiSegMamba or "
                             "SegMambaSkip.")
-        dim = _CONV_DIMS.get(conv_op)
-        if dim is None:
-            raise ValueError(f"{name}: conv_op must be nn.Conv2d or nn.Conv3d; got {conv_op!r}.")
-        if dim not in self.supported_dims:
-            raise ValueError(f"{name} supports only {' and '.join(f'{d}D' for d in self.supported_dims)} networks; "
-                             f"got conv_op {conv_op.__name__} ({dim}D). {self.dimension_hint}")
-        n_stages = int(n_stages)
-        if n_stages < 2:
-            raise ValueError(f"{name} needs n_stages >= 2 (a U-Net with at least one skip); got {n_stages}.")
-        features = [int(f) for f in _as_list(features_per_stage, n_stages, "features_per_stage")]
-        kernels = _per_axis(kernel_sizes, n_stages, dim, "kernel_sizes")
-        strides = _per_axis(strides, n_stages, dim, "strides")
-        blocks = [int(b) for b in _as_list(n_blocks_per_stage, n_stages, "n_blocks_per_stage")]
-        decoder_blocks = [int(b) for b in _as_list(n_conv_per_stage_decoder, n_stages - 1,
-                                                   "n_conv_per_stage_decoder")]
-        if min(blocks + decoder_blocks) < 1:
-            raise ValueError(f"{name}: every stage needs at least one block; got encoder {blocks}, "
-                             f"decoder {decoder_blocks}.")
+        dim = convert_conv_op_to_dim(conv_op)
+        assert dim in self.supported_dims, f"{name} supports {self.supported_dims}D networks; got {conv_op.__name__}"
+        assert n_stages >= 2, f"{name} needs n_stages >= 2 (a U-Net with at least one skip); got {n_stages}"
+        for key, values in (("features_per_stage", features_per_stage), ("kernel_sizes", kernel_sizes),
+                            ("strides", strides), ("n_blocks_per_stage", n_blocks_per_stage)):
+            assert len(values) == n_stages, f"{key} needs one entry per stage ({n_stages}); got {values}"
+        assert len(n_conv_per_stage_decoder) == n_stages - 1, \
+            f"n_conv_per_stage_decoder needs {n_stages - 1} entries; got {n_conv_per_stage_decoder}"
 
         self.dim = dim
-        self.input_channels = int(input_channels)
+        self.input_channels = input_channels
         self.mixer_fp32 = self.default_mixer_fp32 if mixer_fp32 is None else bool(mixer_fp32)
-        self._cumulative_stride = np.prod(np.array(strides, dtype=np.int64), axis=0).tolist()
-        self.encoder = TamingEncoder(int(input_channels), n_stages, features, conv_op, kernels, strides, blocks,
-                                     conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin,
-                                     nonlin_kwargs, self._mixer_factory(mamba_backend), self.mixers_on_skips_only)
+        self.encoder = TamingEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                                     n_blocks_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
+                                     dropout_op_kwargs, nonlin, nonlin_kwargs, self._mixer_factory(mamba_backend),
+                                     self.mixers_on_skips_only)
         # nnU-Net's residual decoder (transposed convs, StackedResidualBlocks, seg_layers built regardless of DS
         # so state_dict keys do not depend on it). It keeps a reference to the encoder (nnU-Net convention).
-        self.decoder = UNetResDecoder(self.encoder, int(num_classes), decoder_blocks, deep_supervision)
-        self.apply(InitWeights_He(1e-2))
-        if norm_op is not None:  # zero-init of each residual branch's last norm (there is none without norms)
-            self.apply(init_last_bn_before_add_to_0)
+        self.decoder = UNetResDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
+        # nnU-Net's ResEnc init: He, then each residual branch's last norm zeroed (there is none without norms).
+        init_he(self, zero_residual_branch_norms=norm_op is not None)
 
     def _mixer_factory(self, mamba_backend: Optional[str]) -> Callable[[int], nn.Module]:
         """Return channels -> stage mixer for this network's mixer type."""
@@ -270,10 +237,6 @@ class TamingMambaUNet(nn.Module):
         if x.dim() != self.dim + 2 or x.shape[1] != self.input_channels:
             raise ValueError(f"{type(self).__name__} expects input (B, {self.input_channels}, "
                              f"{', '.join(['S'] * self.dim)}); got shape {tuple(x.shape)}.")
-        if any(size % stride for size, stride in zip(x.shape[2:], self._cumulative_stride)):
-            raise ValueError(f"{type(self).__name__}: input spatial size {list(x.shape[2:])} is not divisible by "
-                             f"the total stride {self._cumulative_stride}; use a patch size that is a multiple of "
-                             "it (nnU-Net plans always are).")
         return self.decoder(self.encoder(x))
 
 
@@ -316,13 +279,8 @@ def build_taming_network(name: str, plan: NetworkPlan, deep_supervision: bool, *
     if name not in TAMING_NETWORKS:
         raise ValueError(f"Unknown Taming network {name!r}; choose one of {sorted(TAMING_NETWORKS)}.")
     network_class = TAMING_NETWORKS[name]
-    if plan.dim not in network_class.supported_dims:
-        raise PlanError(f"{name} supports only {' and '.join(f'{d}D' for d in network_class.supported_dims)} "
-                        f"plans; this plan is {plan.dim}D (patch size {list(plan.patch_size)}). "
-                        f"{network_class.dimension_hint}")
-    try:
-        return network_class(**plan.unet_kwargs(), deep_supervision=deep_supervision, **options)
-    except PlanError:
-        raise
-    except ValueError as error:  # the plan cannot make this network: report it as a plan problem
-        raise PlanError(f"The plan cannot build {name}: {error}") from error
+    plan.require_dim(network_class.supported_dims, name, network_class.dimension_hint)
+    if plan.n_stages < 2:
+        raise PlanError(f"The plan cannot build {name}: it needs n_stages >= 2 (a U-Net with at least one skip); "
+                        f"got {plan.n_stages}. Use a larger patch size so that nnU-Net plans more stages.")
+    return network_class(**plan.unet_kwargs(), deep_supervision=deep_supervision, **options)

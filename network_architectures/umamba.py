@@ -6,7 +6,11 @@ Networks
   (2D), residual decoder with interpolation upsampling and 1x1 seg heads (deep supervision).
 - ``UMambaBot``: the same encoder without mixers, one patch-token ``UMambaLayer`` on the bottleneck.
 - ``build_umamba_enc(plan, deep_supervision)`` / ``build_umamba_bot(...)``: the networks exactly as the
-  trainers build them from a ``nnunetv2_mamba.plans.NetworkPlan`` (He init included).
+  trainers build them from a ``nnunetv2_mamba.plans.NetworkPlan`` (which validated the plan).
+
+Constructors take already-normal arguments (per-stage int lists, per-axis kernel/stride lists, as
+``NetworkPlan`` gives them) and check them with asserts; each network He-initialises itself at the end of its
+``__init__`` (``blocks.init_he``), so a directly constructed network is initialised as it trains.
 
 Reusable backbone API (used by other families, e.g. LoG-VMamba)
 ----------------------------------------------------------------
@@ -16,7 +20,8 @@ Reusable backbone API (used by other families, e.g. LoG-VMamba)
 - ``stage_feature_map_sizes(input_size, strides)``: map size of every stage, ``input_size // cumprod(strides)``.
 - ``UMambaEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
   n_blocks_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
-  input_size, mixer_factory=None, stem_pool=None, return_skips=True, stem_kernel_size=None)``:
+  input_size, mixer_factory=None, stem_pool=None, return_skips=True, stem_kernel_size=None)`` (not
+  initialised: the network that owns it initialises the whole model):
   ``stem`` (BasicResBlock + BasicBlockD at the input resolution, kernel ``stem_kernel_size`` or stage 0's), optional ``stem_pool`` module applied after the
   stem, then ``stages[s]`` (``residual_stage``: BasicResBlock with the stage stride + BasicBlockD blocks) each
   followed by ``mamba_layers[s] = mixer_factory(s, features_per_stage[s], feature_map_size_s)``, a module on
@@ -40,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+
 from nnunetv2_mamba.layers import Mamba, run_in_fp32, run_on_map
 from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
@@ -50,7 +57,7 @@ logger = logging.getLogger(__name__)
 MixerFactory = Callable[[int, int, Tuple[int, ...]], nn.Module]
 
 __all__ = ["UMambaLayer", "UMambaEncoder", "UMambaDecoder", "UMambaEnc", "UMambaBot", "umamba_block_counts",
-           "stage_feature_map_sizes", "umamba_channel_token_stages", "umamba_2d_mixer_stages",
+           "stage_feature_map_sizes", "umamba_2d_mixer_stages",
            "umamba_enc_mixer_factory", "build_umamba_enc", "build_umamba_bot"]
 
 
@@ -86,12 +93,6 @@ def stage_feature_map_sizes(input_size: Sequence[int], strides: Sequence[Sequenc
         current = [c // int(s) for c, s in zip(current, stride)]
         sizes.append(tuple(current))
     return sizes
-
-
-def umamba_channel_token_stages(features_per_stage: Sequence[int],
-                                feature_map_sizes: Sequence[Sequence[int]]) -> List[bool]:
-    """Return per stage whether U-Mamba-Enc uses channel tokens: prod(map size) <= channels."""
-    return [_uses_channel_tokens(channels, size) for channels, size in zip(features_per_stage, feature_map_sizes)]
 
 
 def _uses_channel_tokens(channels: int, feature_map_size: Sequence[int]) -> bool:
@@ -183,11 +184,9 @@ class UMambaEncoder(nn.Module):
                  stem_pool: Optional[nn.Module] = None, return_skips: bool = True,
                  stem_kernel_size: Optional[Sequence[int]] = None):
         super().__init__()
-        n_stages = int(n_stages)
         for name, values in (("features_per_stage", features_per_stage), ("kernel_sizes", kernel_sizes),
                              ("strides", strides), ("n_blocks_per_stage", n_blocks_per_stage)):
-            if len(values) != n_stages:
-                raise ValueError(f"{name} has {len(values)} entries; n_stages is {n_stages}.")
+            assert len(values) == n_stages, f"{name} needs one entry per stage ({n_stages}); got {values}"
         # Private copies: plan lists are never kept or modified (nnU-Net caches configurations).
         self.output_channels = [int(c) for c in features_per_stage]
         self.kernel_sizes = [[int(k) for k in kernel] for kernel in kernel_sizes]
@@ -220,12 +219,10 @@ class UMambaEncoder(nn.Module):
         self.input_size = None if input_size is None else tuple(int(v) for v in input_size)
         self.feature_map_sizes = None
         if self.input_size is not None:
-            _check_divisible(self.input_size, self.strides)
             self.feature_map_sizes = stage_feature_map_sizes(self.input_size, self.strides)
         if mixer_factory is not None:
-            if self.feature_map_sizes is None:
-                raise ValueError("UMambaEncoder needs input_size (the spatial size entering stage 0) when a "
-                                 "mixer_factory is given: mixers are sized from each stage's feature map.")
+            # Mixers are sized from each stage's feature map, so they need the size entering stage 0.
+            assert self.feature_map_sizes is not None, "UMambaEncoder needs input_size with a mixer_factory"
             self.mamba_layers = nn.ModuleList(
                 [mixer_factory(s, self.output_channels[s], self.feature_map_sizes[s]) for s in range(n_stages)])
 
@@ -260,9 +257,8 @@ class UMambaDecoder(nn.Module):
                  deep_supervision: bool, upsample_mode: str = "nearest", use_full_resolution_skip: bool = True):
         super().__init__()
         n_stages = len(encoder.output_channels)
-        if len(n_conv_per_stage) != n_stages - 1:
-            raise ValueError(f"n_conv_per_stage (decoder) has {len(n_conv_per_stage)} entries; with {n_stages} "
-                             f"encoder stages it needs {n_stages - 1}.")
+        assert len(n_conv_per_stage) == n_stages - 1, \
+            f"n_conv_per_stage (decoder) needs {n_stages - 1} entries; got {n_conv_per_stage}"
         self.encoder = encoder
         self.num_classes = int(num_classes)
         self.deep_supervision = deep_supervision
@@ -302,122 +298,67 @@ class UMambaDecoder(nn.Module):
         return seg_outputs if self.deep_supervision else seg_outputs[0]
 
 
-def _check_divisible(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> None:
-    """Raise ValueError if the input size is not divisible by the cumulative stride of every stage."""
-    cumulative = [1] * len(input_size)
-    for s, stride in enumerate(strides):
-        if len(stride) != len(input_size):
-            raise ValueError(f"strides[{s}]={list(stride)} has {len(stride)} axes; the input size "
-                             f"{list(input_size)} has {len(input_size)}.")
-        cumulative = [c * int(v) for c, v in zip(cumulative, stride)]
-        if any(size % c for size, c in zip(input_size, cumulative)):
-            raise ValueError(f"Input size {list(input_size)} is not divisible by the cumulative stride "
-                             f"{cumulative} of stage {s}; use a patch size that is a multiple of {cumulative}.")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------------
 
-def _check_dims(conv_op: Type[nn.Module], input_size: Sequence[int], kernel_sizes, strides) -> int:
-    """Return the spatial dimension (2 or 3) after checking that conv op, patch, kernels and strides agree."""
-    dims = {nn.Conv2d: 2, nn.Conv3d: 3}
-    if conv_op not in dims:
-        raise ValueError(f"conv_op {conv_op} is not supported; U-Mamba needs nn.Conv2d or nn.Conv3d.")
-    dim = dims[conv_op]
-    if len(input_size) != dim:
-        raise ValueError(f"Patch size {list(input_size)} has {len(input_size)} axes but conv_op is "
-                         f"{conv_op.__name__}; use a {dim}D patch size.")
-    for name, values in (("kernel_sizes", kernel_sizes), ("strides", strides)):
-        for s, value in enumerate(values):
-            if len(value) != dim:
-                raise ValueError(f"{name}[{s}]={list(value)} has {len(value)} axes; the network is {dim}D.")
+def _umamba_dim(n_stages: int, conv_op: Type[nn.Module], input_size: Sequence[int]) -> int:
+    """Return the spatial dimension after asserting the arguments shared by U-Mamba-Enc and -Bot."""
+    assert n_stages >= 2, f"U-Mamba needs at least 2 stages (one decoder stage); got n_stages={n_stages}"
+    dim = convert_conv_op_to_dim(conv_op)
+    assert len(input_size) == dim, f"input_size {list(input_size)} does not fit {conv_op.__name__}"
     return dim
 
 
-def _as_per_axis(values: Sequence, n_stages: int, dim: int) -> List[List[int]]:
-    """Return per-stage per-axis int lists (ints in the plan are expanded to every axis)."""
-    if isinstance(values, (int, np.integer)):
-        values = [values] * n_stages
-    return [[int(v)] * dim if isinstance(v, (int, np.integer)) else [int(a) for a in v] for v in values]
-
-
-def _as_per_stage(values, count: int) -> List[int]:
-    """Return a per-stage int list (an int in the plan applies to every stage)."""
-    return [int(values)] * count if isinstance(values, (int, np.integer)) else [int(v) for v in values]
-
-
-class _UMambaBase(nn.Module):
-    """Argument handling shared by U-Mamba-Enc and U-Mamba-Bot (override rule, dims, copies)."""
-
-    @staticmethod
-    def _prepare(n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
-                 n_conv_per_stage_decoder, input_size):
-        """Return (dim, kernels, strides, encoder counts, decoder counts) as new lists, after checks."""
-        n_stages = int(n_stages)
-        if n_stages < 2:
-            raise ValueError(f"U-Mamba needs at least 2 stages (one decoder stage); got n_stages={n_stages}.")
-        dim = len(input_size)
-        kernels = _as_per_axis(kernel_sizes, n_stages, dim)
-        strides = _as_per_axis(strides, n_stages, dim)
-        _check_dims(conv_op, input_size, kernels, strides)
-        if len(features_per_stage) != n_stages:
-            raise ValueError(f"features_per_stage has {len(features_per_stage)} entries; n_stages is {n_stages}.")
-        encoder_counts, decoder_counts = umamba_block_counts(_as_per_stage(n_blocks_per_stage, n_stages),
-                                                             _as_per_stage(n_conv_per_stage_decoder, n_stages - 1))
-        return dim, kernels, strides, encoder_counts, decoder_counts
-
-
-class UMambaEnc(_UMambaBase):
+class UMambaEnc(nn.Module):
     """U-Mamba-Enc: a UMambaLayer after every encoder stage (2D: alternating stages, skip-less last decoder)."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_blocks_per_stage, num_classes: int,
-                 n_conv_per_stage_decoder, input_size: Sequence[int], conv_bias: bool = True,
+                 conv_op: Type[nn.Module], kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
+                 n_blocks_per_stage: Sequence[int], num_classes: int, n_conv_per_stage_decoder: Sequence[int],
+                 input_size: Sequence[int], conv_bias: bool = True,
                  norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
                  dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
                  nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
                  deep_supervision: bool = False, d_state: int = 16, backend: Optional[str] = None):
         super().__init__()
-        input_size = tuple(int(v) for v in input_size)
-        dim, kernels, strides, encoder_counts, decoder_counts = self._prepare(
-            n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
-            n_conv_per_stage_decoder, input_size)
+        dim = _umamba_dim(n_stages, conv_op, input_size)
+        encoder_counts, decoder_counts = umamba_block_counts(n_blocks_per_stage, n_conv_per_stage_decoder)
         self.encoder = UMambaEncoder(
-            input_channels, n_stages, features_per_stage, conv_op, kernels, strides, encoder_counts, conv_bias,
+            input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, encoder_counts, conv_bias,
             norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, input_size=input_size,
-            mixer_factory=umamba_enc_mixer_factory(dim, int(n_stages), d_state=d_state, backend=backend))
+            mixer_factory=umamba_enc_mixer_factory(dim, n_stages, d_state=d_state, backend=backend))
         self.decoder = UMambaDecoder(self.encoder, num_classes, decoder_counts, deep_supervision,
                                      use_full_resolution_skip=(dim == 3))
+        init_he(self)
 
     def forward(self, x: torch.Tensor):
         """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
         return self.decoder(self.encoder(x))
 
 
-class UMambaBot(_UMambaBase):
+class UMambaBot(nn.Module):
     """U-Mamba-Bot: residual U-Net with one patch-token UMambaLayer on the bottleneck (no residual)."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_blocks_per_stage, num_classes: int,
-                 n_conv_per_stage_decoder, input_size: Sequence[int], conv_bias: bool = True,
+                 conv_op: Type[nn.Module], kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
+                 n_blocks_per_stage: Sequence[int], num_classes: int, n_conv_per_stage_decoder: Sequence[int],
+                 input_size: Sequence[int], conv_bias: bool = True,
                  norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[Dict[str, Any]] = None,
                  dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[Dict[str, Any]] = None,
                  nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[Dict[str, Any]] = None,
                  deep_supervision: bool = False, d_state: int = 16, backend: Optional[str] = None):
         super().__init__()
-        input_size = tuple(int(v) for v in input_size)
-        dim, kernels, strides, encoder_counts, decoder_counts = self._prepare(
-            n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_blocks_per_stage,
-            n_conv_per_stage_decoder, input_size)
+        dim = _umamba_dim(n_stages, conv_op, input_size)
+        encoder_counts, decoder_counts = umamba_block_counts(n_blocks_per_stage, n_conv_per_stage_decoder)
         self.encoder = UMambaEncoder(
-            input_channels, n_stages, features_per_stage, conv_op, kernels, strides, encoder_counts, conv_bias,
+            input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, encoder_counts, conv_bias,
             norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, input_size=input_size)
         self.decoder = UMambaDecoder(self.encoder, num_classes, decoder_counts, deep_supervision,
                                      use_full_resolution_skip=(dim == 3))
         # Always patch tokens, even when the bottleneck has fewer positions than channels (as the reference).
-        self.mamba_layer = UMambaLayer(int(features_per_stage[-1]), d_state=d_state, channel_token=False,
-                                       backend=backend)
+        self.mamba_layer = UMambaLayer(features_per_stage[-1], d_state=d_state, channel_token=False, backend=backend)
+        init_he(self)
 
     def forward(self, x: torch.Tensor):
         """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
@@ -431,27 +372,21 @@ class UMambaBot(_UMambaBase):
 # ----------------------------------------------------------------------------------------------------------
 
 def _network_from_plan(network_class, plan: NetworkPlan, deep_supervision: bool, backend: Optional[str]):
-    """Return ``network_class`` built from the plan's plain arguments, He-initialised."""
+    """Return ``network_class`` built from the plan's arguments (it He-initialises itself)."""
     if plan.n_stages < 2:
         raise PlanError(f"U-Mamba needs a plan with at least 2 stages; this plan has n_stages={plan.n_stages}. "
                         f"Use a larger patch size so that nnU-Net plans more stages.")
-    try:
-        network = network_class(
-            **plan.unet_kwargs(with_input_size=True), deep_supervision=deep_supervision, backend=backend)
-    except ValueError as error:
-        if isinstance(error, PlanError):
-            raise
-        raise PlanError(f"Cannot build {network_class.__name__} from this plan: {error}") from error
-    init_he(network)
+    network = network_class(**plan.unet_kwargs(with_input_size=True), deep_supervision=deep_supervision,
+                            backend=backend)
     logger.debug("Built %s for patch %s with %d stages.", network_class.__name__, plan.patch_size, plan.n_stages)
     return network
 
 
 def build_umamba_enc(plan: NetworkPlan, deep_supervision: bool, backend: Optional[str] = None) -> UMambaEnc:
-    """Return U-Mamba-Enc for the plan, He-initialised, exactly as nnUNetTrainerUMambaEnc builds it."""
+    """Return U-Mamba-Enc for the plan, exactly as nnUNetTrainerUMambaEnc builds it."""
     return _network_from_plan(UMambaEnc, plan, deep_supervision, backend)
 
 
 def build_umamba_bot(plan: NetworkPlan, deep_supervision: bool, backend: Optional[str] = None) -> UMambaBot:
-    """Return U-Mamba-Bot for the plan, He-initialised, exactly as nnUNetTrainerUMambaBot builds it."""
+    """Return U-Mamba-Bot for the plan, exactly as nnUNetTrainerUMambaBot builds it."""
     return _network_from_plan(UMambaBot, plan, deep_supervision, backend)

@@ -1,9 +1,14 @@
-"""Turn an nnU-Net configuration into plain network constructor arguments, in one place for all families.
+"""The one place where an nnU-Net plan enters the plugin's networks (ARCHITECTURES.md §0.2).
 
 ``NetworkPlan.from_nnunet(plans_manager, configuration_manager, num_input_channels, num_output_channels)``
-reads ``configuration_manager.network_arch_init_kwargs`` and ``patch_size`` (duck-typed: nothing from
-nnunetv2 is imported), deep-copies every list (nnU-Net caches configurations, so an in-place edit would leak
-into later networks) and validates the result with messages that name the plan value and the fix.
+reads ``configuration_manager.network_arch_init_kwargs`` and ``patch_size`` (duck-typed: nothing from nnunetv2
+is imported), deep-copies them once (nnU-Net caches configurations, so an in-place edit would leak into later
+networks), normalises them (ints expanded to per-stage / per-axis lists of Python ints, dotted class paths
+resolved) and validates them (2D/3D, one entry per stage, one per axis, conv_op of the patch's dimension,
+patch divisible by every cumulative stride), with ``PlanError`` messages that name the plan value and the fix.
+
+The networks take these already-normal values as explicit constructor arguments, never modify or keep the
+caller's lists, and check them only with short asserts (as dynamic_network_architectures does).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
+from torch import nn
 
 
 class PlanError(ValueError):
@@ -29,8 +36,18 @@ def _locate(value: Any, key: str) -> Any:
     return located
 
 
+def _per_stage(values: Any, count: int, key: str) -> List[int]:
+    """Return ``count`` ints (a plan may store one int for every stage)."""
+    if isinstance(values, (int, np.integer)):
+        return [int(values)] * count
+    values = [int(v) for v in values]
+    if len(values) != count:
+        raise PlanError(f"Plan entry {key} has {len(values)} entries; expected {count}.")
+    return values
+
+
 def _per_axis(values: Any, n_stages: int, dim: int, key: str) -> List[List[int]]:
-    """Return a list of n_stages per-axis int lists, expanding scalars (plans may store ints)."""
+    """Return n_stages per-axis int lists, expanding scalars (plans may store ints)."""
     if isinstance(values, (int, np.integer)):
         values = [values] * n_stages
     values = list(values)
@@ -45,18 +62,19 @@ def _per_axis(values: Any, n_stages: int, dim: int, key: str) -> List[List[int]]
     return result
 
 
-def _per_stage(values: Any, count: int, key: str) -> List[int]:
-    if isinstance(values, (int, np.integer)):
-        return [int(values)] * count
-    values = [int(v) for v in values]
-    if len(values) != count:
-        raise PlanError(f"Plan entry {key} has {len(values)} entries; expected {count}.")
-    return values
+def _conv_op_dim(conv_op: Any) -> Optional[int]:
+    """Return the spatial dimension of a torch conv class, or None for anything else."""
+    if not (isinstance(conv_op, type) and issubclass(conv_op, nn.modules.conv._ConvNd)):
+        return None
+    try:
+        return convert_conv_op_to_dim(conv_op)
+    except ValueError:  # transposed convs
+        return None
 
 
 @dataclass
 class NetworkPlan:
-    """Plain constructor arguments of a U-Net-shaped network (lists are private copies)."""
+    """Normalised, validated constructor arguments of a U-Net-shaped network (see the module docstring)."""
 
     input_channels: int
     num_classes: int
@@ -81,36 +99,32 @@ class NetworkPlan:
         """Return the number of spatial axes (2 or 3)."""
         return len(self.patch_size)
 
-    def stage_sizes(self) -> List[Tuple[int, ...]]:
-        """Return the feature-map size of every encoder stage: patch // cumulative stride (floor)."""
-        sizes, current = [], np.array(self.patch_size, dtype=np.int64)
-        for stride in self.strides:
-            current = current // np.array(stride, dtype=np.int64)
-            sizes.append(tuple(int(v) for v in current))
-        return sizes
-
-    def network_kwargs(self) -> Dict[str, Any]:
-        """Return the fields as a dict of keyword arguments (deep copies)."""
-        return copy.deepcopy({name: getattr(self, name) for name in self.__dataclass_fields__})
-
     def unet_kwargs(self, with_input_size: bool = False) -> Dict[str, Any]:
-        """Return deep-copied U-Net constructor keywords (dynamic_network_architectures' names).
+        """Return the U-Net constructor keywords (dynamic_network_architectures' names) of this plan.
 
+        The values are the plan's own (no copies: networks never modify or keep their arguments' lists).
         ``with_input_size`` adds ``input_size`` (the patch size) for networks whose layers depend on it.
         """
-        kwargs = self.network_kwargs()
-        patch_size = kwargs.pop("patch_size")
+        kwargs = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "patch_size"}
         if with_input_size:
-            kwargs["input_size"] = patch_size
+            kwargs["input_size"] = self.patch_size
         return kwargs
+
+    def require_dim(self, supported_dims: Sequence[int], network: str, hint: str = "") -> None:
+        """Raise PlanError unless this plan's dimension is one of ``supported_dims`` (``network`` names the user)."""
+        if self.dim in supported_dims:
+            return
+        choice = "3d_fullres" if 3 in supported_dims else "2d"
+        raise PlanError(f"{network} supports {' and '.join(f'{d}D' for d in supported_dims)} configurations; this "
+                        f"configuration is {self.dim}D (patch size {list(self.patch_size)}). Choose a {choice} "
+                        f"configuration.{' ' + hint if hint else ''}")
 
     @classmethod
     def from_nnunet(cls, plans_manager, configuration_manager, num_input_channels: int,
                     num_output_channels: int) -> "NetworkPlan":
         """Return the plan of an nnU-Net configuration; ``plans_manager`` is accepted for API symmetry."""
-        arch = copy.deepcopy(dict(configuration_manager.network_arch_init_kwargs))
-        patch_size = tuple(int(v) for v in configuration_manager.patch_size)
-        return cls.from_arch_kwargs(arch, patch_size, num_input_channels, num_output_channels,
+        return cls.from_arch_kwargs(configuration_manager.network_arch_init_kwargs, configuration_manager.patch_size,
+                                    num_input_channels, num_output_channels,
                                     configuration_manager.network_arch_init_kwargs_req_import)
 
     @classmethod
@@ -118,11 +132,9 @@ class NetworkPlan:
                          num_classes: int, req_import: Sequence[str] = ()) -> "NetworkPlan":
         """Return the plan built from nnU-Net ``arch_kwargs`` (the dict in plans.json) and a patch size."""
         arch = copy.deepcopy(dict(arch_kwargs))
-        for key in req_import or ():
+        for key in set(req_import or ()) | {"conv_op", "norm_op", "dropout_op", "nonlin"}:
             if key in arch:
                 arch[key] = _locate(arch[key], key)
-        for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
-            arch[key] = _locate(arch.get(key), key)
         patch_size = tuple(int(v) for v in patch_size)
         dim = len(patch_size)
         if dim not in (2, 3):
@@ -132,28 +144,37 @@ class NetworkPlan:
             raise PlanError(f"The configuration's architecture kwargs lack {missing}; re-run "
                             "nnUNetv2_plan_and_preprocess with nnU-Net >= 2.4 plans.")
         n_stages = int(arch["n_stages"])
-        features = _per_stage(arch["features_per_stage"], n_stages, "features_per_stage")
-        kernels = _per_axis(arch["kernel_sizes"], n_stages, dim, "kernel_sizes")
-        strides = _per_axis(arch["strides"], n_stages, dim, "strides")
         blocks_key = "n_blocks_per_stage" if "n_blocks_per_stage" in arch else "n_conv_per_stage"
         if blocks_key not in arch:
             raise PlanError("The plan has neither n_blocks_per_stage nor n_conv_per_stage.")
-        blocks = _per_stage(arch[blocks_key], n_stages, blocks_key)
-        decoder_blocks = _per_stage(arch.get("n_conv_per_stage_decoder", 1), n_stages - 1,
-                                    "n_conv_per_stage_decoder")
         plan = cls(
             input_channels=int(input_channels), num_classes=int(num_classes), patch_size=patch_size,
-            n_stages=n_stages, features_per_stage=features, kernel_sizes=kernels, strides=strides,
-            n_blocks_per_stage=blocks, n_conv_per_stage_decoder=decoder_blocks, conv_op=arch["conv_op"],
-            conv_bias=bool(arch.get("conv_bias", True)), norm_op=arch.get("norm_op"),
-            norm_op_kwargs=dict(arch.get("norm_op_kwargs") or {}), dropout_op=arch.get("dropout_op"),
+            n_stages=n_stages,
+            features_per_stage=_per_stage(arch["features_per_stage"], n_stages, "features_per_stage"),
+            kernel_sizes=_per_axis(arch["kernel_sizes"], n_stages, dim, "kernel_sizes"),
+            strides=_per_axis(arch["strides"], n_stages, dim, "strides"),
+            n_blocks_per_stage=_per_stage(arch[blocks_key], n_stages, blocks_key),
+            n_conv_per_stage_decoder=_per_stage(arch.get("n_conv_per_stage_decoder", 1), n_stages - 1,
+                                                "n_conv_per_stage_decoder"),
+            conv_op=arch.get("conv_op"), conv_bias=bool(arch.get("conv_bias", True)), norm_op=arch.get("norm_op"),
+            norm_op_kwargs=arch.get("norm_op_kwargs") or {}, dropout_op=arch.get("dropout_op"),
             dropout_op_kwargs=arch.get("dropout_op_kwargs"), nonlin=arch.get("nonlin"),
-            nonlin_kwargs=dict(arch.get("nonlin_kwargs") or {}))
+            nonlin_kwargs=arch.get("nonlin_kwargs") or {})
         plan.validate()
         return plan
 
     def validate(self) -> None:
-        """Raise PlanError if the patch size is not divisible by the cumulative strides."""
+        """Raise PlanError if conv_op does not fit the patch, a stage has no block, or the patch is not
+        divisible by the cumulative strides."""
+        if _conv_op_dim(self.conv_op) != self.dim:
+            raise PlanError(f"Plan entry conv_op={getattr(self.conv_op, '__name__', self.conv_op)!r} does not match "
+                            f"the {self.dim}D patch size {list(self.patch_size)}; use "
+                            f"{convert_dim_to_conv_op(self.dim).__name__}.")
+        for key, counts in (("n_blocks_per_stage / n_conv_per_stage", self.n_blocks_per_stage),
+                            ("n_conv_per_stage_decoder", self.n_conv_per_stage_decoder)):
+            if counts and min(counts) < 1:
+                raise PlanError(f"Plan entry {key}={counts} has a stage without blocks; every stage needs at "
+                                "least one (nnU-Net plans always have).")
         cumulative = np.ones(self.dim, dtype=np.int64)
         for stage, stride in enumerate(self.strides):
             cumulative = cumulative * np.array(stride, dtype=np.int64)

@@ -10,6 +10,8 @@ are recursive; these classes compute the value from the formula instead.
   hard-coded T_max=100 makes the rate oscillate with a period of 200 epochs over 1000/300 epochs.
 - ``OneCycleEpochLR``: PyTorch's OneCycleLR (two phases, cosine annealing) as a function of the epoch,
   including the inverse cycling of the momentum (Adam-family ``betas[0]``, else ``momentum``).
+- ``StepDecayEpochLR``: ``lr(e) = initial_lr * gamma`` from the milestone epoch on, else ``initial_lr``
+  (LoG-VMamba's paper recipe; torch's MultiStepLR is recursive and deprecates ``step(epoch)``).
 """
 from __future__ import annotations
 
@@ -111,6 +113,19 @@ class CosineAnnealingEpochLR(EpochLRScheduler):
     def lr_at(self, epoch: int) -> float:
         """Return the cosine rate of ``epoch``."""
         return cosine_lr(epoch, self.max_lr, self.min_lr, self.t_max)
+
+
+class StepDecayEpochLR(EpochLRScheduler):
+    """One step decay: ``initial_lr`` before epoch ``milestone``, ``initial_lr * gamma`` from it on."""
+
+    def __init__(self, optimizer: Optimizer, initial_lr: float, milestone: int, gamma: float = 0.1,
+                 current_epoch: Optional[int] = None):
+        self.initial_lr, self.milestone, self.gamma = float(initial_lr), int(milestone), float(gamma)
+        super().__init__(optimizer, current_epoch)
+
+    def lr_at(self, epoch: int) -> float:
+        """Return the step-decayed rate of ``epoch``."""
+        return self.initial_lr * (self.gamma if epoch >= self.milestone else 1.0)
 
 
 class OneCycleEpochLR(EpochLRScheduler):

@@ -13,7 +13,7 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_mamba.io import atomic_write
-from nnunetv2_mamba.plans import NetworkPlan, PlanError
+from nnunetv2_mamba.plans import NetworkPlan
 from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, select_backend
 from nnunetv2_mamba.ssm.scan import requested_backend_name
 
@@ -34,11 +34,7 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
         """Return the network for this configuration (nnU-Net 2.8 signature; the predictor calls it too)."""
         plan = NetworkPlan.from_nnunet(plans_manager, configuration_manager, num_input_channels,
                                        num_output_channels)
-        if plan.dim not in cls.supported_dims:
-            raise PlanError(f"{cls.__name__} ({cls.network_family}) supports "
-                            f"{' and '.join(f'{d}D' for d in cls.supported_dims)} configurations; this "
-                            f"configuration is {plan.dim}D (patch size {list(plan.patch_size)}). Choose a "
-                            f"{'3d_fullres' if 3 in cls.supported_dims else '2d'} configuration.")
+        plan.require_dim(cls.supported_dims, f"{cls.__name__} ({cls.network_family})")
         return cls.build_network(plan, enable_deep_supervision)
 
     @classmethod

@@ -11,40 +11,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 
 from nnunetv2_mamba.network_architectures.logvmamba import build_logvmamba
 from nnunetv2_mamba.plans import NetworkPlan
+from nnunetv2_mamba.schedulers import StepDecayEpochLR
 from nnunetv2_mamba.trainers.base import NoAMPMixin, nnUNetTrainerMambaBase
-
-
-class StepDecayEpochLR(LRScheduler):
-    """lr(e) = initial_lr * gamma if e >= milestone else initial_lr; stepped with the epoch like PolyLRScheduler.
-
-    Closed form (nnU-Net calls ``step(current_epoch)`` and does not checkpoint scheduler state, so a resumed run
-    must get the rate from the epoch alone; torch's MultiStepLR deprecates ``step(epoch)``).
-    """
-
-    def __init__(self, optimizer: Optimizer, initial_lr: float, milestone: int, gamma: float = 0.1,
-                 current_step: int = None):
-        self.initial_lr, self.milestone, self.gamma = float(initial_lr), int(milestone), float(gamma)
-        self.ctr = 0
-        super().__init__(optimizer, current_step if current_step is not None else -1)
-
-    def lr_at(self, epoch: int) -> float:
-        """Return the learning rate of ``epoch``."""
-        return self.initial_lr * (self.gamma if epoch >= self.milestone else 1.0)
-
-    def step(self, current_step: int = None):
-        """Set the optimizer's learning rate for ``current_step`` (default: one more than last time)."""
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        new_lr = self.lr_at(current_step)
-        for param_group in self.optimizer.param_groups:
-            param_group["lr"] = new_lr
-        self._last_lr = [new_lr for _ in self.optimizer.param_groups]
 
 
 class nnUNetTrainerLoGVMamba(nnUNetTrainerMambaBase):

@@ -479,6 +479,17 @@ def test_he_init_keeps_unfold_one_hot_and_zeroes_conv_biases():
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
 
 
+def test_direct_construction_is_initialised_as_it_trains():
+    plan = make_plan("3d_aniso_5stages")
+    torch.manual_seed(0)
+    built = build_logvmamba(plan)
+    torch.manual_seed(0)
+    direct = LoGVMamba(**plan.unet_kwargs(with_input_size=True))
+    for (name, expected), value in zip(built.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(value, expected), name
+    assert torch.count_nonzero(direct.seg_layer.bias) == 0  # He init: zero conv biases (not PyTorch's default)
+
+
 def test_state_dict_round_trip_and_keys():
     plan = make_plan("3d_aniso_5stages")
     torch.manual_seed(0)
@@ -505,11 +516,11 @@ def test_building_leaves_the_plan_unchanged():
     arch = copy.deepcopy(arch)
     snapshot = copy.deepcopy(arch)
     plan = NetworkPlan.from_arch_kwargs(arch, patch, 2, 3)
-    plan_snapshot = copy.deepcopy(plan.network_kwargs())
+    plan_snapshot = copy.deepcopy(plan)
     for variant in ("LoG", "L", "G"):
         build_logvmamba(plan, variant=variant)
     assert arch == snapshot
-    assert plan.network_kwargs() == plan_snapshot
+    assert plan == plan_snapshot
     # Lists passed straight to the constructor are not modified either (block-count overrides use copies).
     kwargs = dict(features_per_stage=[16] * 6, kernel_sizes=[[3, 3, 3]] * 6, strides=copy.deepcopy(arch["strides"]),
                   n_blocks_per_stage=[2] * 6, n_conv_per_stage_decoder=[2] * 5)

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, residual_stage
 from nnunetv2_mamba.network_architectures.umamba import (UMambaBot, UMambaEnc, UMambaEncoder, UMambaLayer,
-                                                         build_umamba_bot, build_umamba_enc, umamba_block_counts)
+                                                         build_umamba_bot, build_umamba_enc, stage_feature_map_sizes,
+                                                         umamba_block_counts)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
 BUILDERS = {"enc": build_umamba_enc, "bot": build_umamba_bot}
@@ -195,7 +196,7 @@ def expected_umamba_params(plan, variant):
     for s in range(n):
         total += stage_params(previous, F[s], K[s], nb[s])
         previous = F[s]
-    sizes = plan.stage_sizes()
+    sizes = stage_feature_map_sizes(plan.patch_size, plan.strides)
     if variant == "enc":
         for s in range(n):
             if plan.dim == 2 and (s % 2 == 1) == (n % 2 == 1):
@@ -370,23 +371,41 @@ def test_constructor_leaves_argument_lists_unchanged(network_class):
 def test_building_from_arch_kwargs_leaves_them_unchanged(builder):
     kwargs, patch = TINY_PLANS[0][1], TINY_PLANS[0][2]
     snapshot = copy.deepcopy(kwargs)
+    plan = NetworkPlan.from_arch_kwargs(kwargs, patch, 1, 2)
+    plan_snapshot = copy.deepcopy(plan)
     for _ in range(2):
-        builder(NetworkPlan.from_arch_kwargs(kwargs, patch, 1, 2), True)
-    assert kwargs == snapshot
+        network = builder(plan, True)
+    assert kwargs == snapshot and plan == plan_snapshot
+    assert network.encoder.strides == plan.strides and network.encoder.strides is not plan.strides
+
+
+@pytest.mark.parametrize("network_class,builder", [(UMambaEnc, build_umamba_enc), (UMambaBot, build_umamba_bot)])
+def test_direct_construction_is_initialised_as_it_trains(network_class, builder):
+    plan = tiny_plan("3d_aniso_4")
+    torch.manual_seed(0)
+    built = builder(plan, True)
+    torch.manual_seed(0)
+    direct = network_class(**plan.unet_kwargs(with_input_size=True), deep_supervision=True)
+    for (name, expected), value in zip(built.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(value, expected), name
+    # He init (nnU-Net's InitWeights_He(1e-2)): every conv bias is zero (PyTorch's default init is not).
+    conv_biases = [m.bias for m in direct.modules() if isinstance(m, nn.Conv3d) and m.bias is not None]
+    assert conv_biases and all(torch.count_nonzero(b) == 0 for b in conv_biases)
 
 
 def test_bad_inputs_raise_clear_errors():
     kwargs = arch_kwargs(3, [4, 8, 8], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], 3)
     with pytest.raises(PlanError, match=r"\[8, 8, 6\] is not divisible .*\[4, 4, 4\]"):
         build_umamba_enc(NetworkPlan.from_arch_kwargs(kwargs, (8, 8, 6), 1, 2), True)
-    with pytest.raises(ValueError, match=r"Input size \[8, 8, 6\] is not divisible .*\[4, 4, 4\]"):
-        UMambaEnc(1, 3, [4, 8, 8], nn.Conv3d, kwargs["kernel_sizes"], kwargs["strides"], [1] * 3, 2, [1] * 2,
-                  input_size=(8, 8, 6))
-    with pytest.raises(ValueError, match=r"Patch size \[8, 8\] has 2 axes but conv_op is Conv3d"):
+    # Direct construction: arguments are expected in NetworkPlan's normal form and checked with asserts.
+    with pytest.raises(AssertionError, match=r"input_size \[8, 8\] does not fit Conv3d"):
         UMambaEnc(1, 3, [4, 8, 8], nn.Conv3d, [[3, 3]] * 3, [[1, 1], [2, 2], [2, 2]], [1] * 3, 2, [1] * 2,
                   input_size=(8, 8))
-    with pytest.raises(ValueError, match="at least 2 stages"):
+    with pytest.raises(AssertionError, match="at least 2 stages"):
         UMambaBot(1, 1, [4], nn.Conv2d, [[3, 3]], [[1, 1]], [1], 2, [], input_size=(8, 8))
+    with pytest.raises(AssertionError, match=r"kernel_sizes needs one entry per stage \(3\)"):
+        UMambaBot(1, 3, [4, 8, 8], nn.Conv3d, [[3, 3, 3]] * 2, kwargs["strides"], [1] * 3, 2, [1] * 2,
+                  input_size=(8, 8, 8))
     single = arch_kwargs(1, [4], [[3, 3]], [[1, 1]], 2)
     with pytest.raises(PlanError, match="n_stages=1"):
         build_umamba_bot(NetworkPlan.from_arch_kwargs(single, (8, 8), 1, 2), True)

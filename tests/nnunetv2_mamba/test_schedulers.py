@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nnunetv2_mamba.schedulers import CosineAnnealingEpochLR, OneCycleEpochLR
+from nnunetv2_mamba.schedulers import CosineAnnealingEpochLR, OneCycleEpochLR, StepDecayEpochLR
 
 
 def _optimizer(kind="radam", lr=3e-4):
@@ -144,3 +144,18 @@ def test_schedules_survive_tiny_runs_and_reject_bad_arguments():
     adagrad = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     with pytest.raises(ValueError, match="cycle_momentum=False"):
         OneCycleEpochLR(adagrad, 1e-3, total_epochs=10)
+
+
+def test_step_decay_schedule_is_a_function_of_the_epoch():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-4)
+    scheduler = StepDecayEpochLR(optimizer, 1e-4, milestone=140, gamma=0.1)
+    rates = {}
+    for epoch in (0, 139, 140, 199, 5):  # resuming / stepping out of order gives the same value
+        scheduler.step(epoch)
+        rates[epoch] = optimizer.param_groups[0]["lr"]
+    assert rates[0] == rates[139] == rates[5] == pytest.approx(1e-4)
+    assert rates[140] == rates[199] == pytest.approx(1e-5)
+    assert scheduler.get_last_lr() == [pytest.approx(1e-4)]
+    resumed = StepDecayEpochLR(torch.optim.Adam([parameter], lr=1e-4), 1e-4, milestone=140, current_epoch=150)
+    assert resumed.get_last_lr() == [pytest.approx(1e-5)]
