@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     demo.set_defaults(func=command_demo)
+    from nnunetv2_mamba.compare.cli import add_compare_subcommand
+    add_compare_subcommand(sub)
     _register_optional_subcommands(sub)
     return parser
 
