@@ -25,6 +25,12 @@ COMPUTE_NOTE = "from benchmarks/benchmark_networks.py, measured on the benchmark
 COMPUTE_COLUMNS = ("trainer", "network", "params_m", "train_ms", "train_peak_gib", "infer_ms", "note", "partial")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data) -> None:
     """Write text or bytes to ``path`` through a temporary file in the same folder and os.replace."""
     path = Path(path)
@@ -32,6 +38,7 @@ def write_atomic(path: Path, data) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would give
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
