@@ -1,6 +1,7 @@
 """A challenge workflow end to end on the CPU: region-based training with one of our trainers, evaluation on the
-regions, ``nnunetv2_mamba compare`` on nnU-Net's real summary.json, and the export-zip / install round trip
-predicting the same segmentation (slow: a few minutes on two cores)."""
+regions, ``nnunetv2_mamba compare`` on nnU-Net's real summary.json, the export-zip / install round trip
+predicting the same segmentation, then find_best_configuration, ensemble and postprocessing into a submission
+folder (slow: several minutes on two cores)."""
 import csv
 import json
 import math
@@ -24,7 +25,7 @@ REGION_LABELS = {"background": 0, "object": [1, 2], "box": [2]}
 def predict(env, images, output, logs, step):
     run_step(step, [nnunet_command("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d", str(DATASET_ID),
                     "-c", CONFIGURATION, "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
-                    "--disable_progress_bar"], env, logs)
+                    "--disable_progress_bar", "--save_probabilities"], env, logs)
     return {path.name: sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in sorted(output.glob("*.nii.gz"))}
 
 
@@ -82,3 +83,23 @@ def test_region_training_compare_and_export_install_round_trip(tmp_path):
     assert reinstalled.keys() == predictions.keys()
     for name, segmentation in predictions.items():
         np.testing.assert_array_equal(reinstalled[name], segmentation, err_msg=name)
+
+    # To a submission folder as nnU-Net documents it: best configuration + postprocessing, ensemble, apply.
+    run_step("find_best_configuration", [nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET_ID), "-c",
+                                         CONFIGURATION, "-tr", TRAINER, "-f", "0", "--disable_ensembling", "-np", "1"],
+             env, logs)
+    assert TRAINER in (model.parent / "inference_instructions.txt").read_text()
+    crossval = model / "crossval_results_folds_0"
+    assert (crossval / "postprocessing.pkl").is_file()
+    run_step("ensemble", [nnunet_command("nnUNetv2_ensemble"), "-i", str(tmp_path / "predicted"),
+                          str(tmp_path / "predicted_installed"), "-o", str(tmp_path / "ensembled"), "-np", "1"],
+             env, logs)
+    for name, segmentation in predictions.items():  # two identical members: the ensemble is the same
+        ensembled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ensembled" / name)))
+        np.testing.assert_array_equal(ensembled, segmentation, err_msg=name)
+    run_step("apply_postprocessing", [nnunet_command("nnUNetv2_apply_postprocessing"), "-i", str(tmp_path / "ensembled"),
+                                      "-o", str(tmp_path / "submission"), "-pp_pkl_file",
+                                      str(crossval / "postprocessing.pkl"), "-np", "1", "-plans_json",
+                                      str(crossval / "plans.json")], env, logs)
+    submitted = sorted(path.name for path in (tmp_path / "submission").glob("*.nii.gz"))
+    assert submitted == sorted(predictions)
