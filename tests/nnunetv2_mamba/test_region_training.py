@@ -1,4 +1,5 @@
-"""Region-based (BraTS-style) training steps with one trainer per family: nnU-Net's region loss and heads."""
+"""Region-based (BraTS-style) training steps of U-Mamba, Taming Mambas and G-VMamba trainers: nnU-Net's region
+loss and one head per region."""
 import numpy as np
 import pytest
 import torch
@@ -8,8 +9,9 @@ from nnunetv2_mamba.trainers.discovery import concrete_trainers
 
 REGION_DATASET_JSON = {**umamba_tests.DATASET_JSON, "labels": {"background": 0, "object": [1, 2], "right": [2]},
                        "regions_class_order": [1, 2]}
-# One cheap trainer per family on the CPU (the tiny plans of the U-Mamba tests; LoG-VMamba's LTX needs 16-channel
-# groups, so its G-only variant runs). The end-to-end region run is tests/nnunetv2_mamba/test_challenge_e2e.py.
+# Cheap trainers of three families on the CPU (the tiny plans of the U-Mamba tests; LoG-VMamba's LTX needs 16-channel
+# groups, so its G-only variant runs; Vivim takes minutes here and is left out). The end-to-end region run is
+# tests/nnunetv2_mamba/test_challenge_e2e.py.
 TRAINERS = ["nnUNetTrainerUMambaBot", "nnUNetTrainerSegMambaSkipNNUNetRecipe", "nnUNetTrainerGVMamba"]
 
 
