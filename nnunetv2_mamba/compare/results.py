@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +182,3 @@ def label_sort_key(key: str):
     except ValueError:
         return (2, (), key)
     return (0 if key.lstrip("-").isdigit() else 1, members, key)
-
-
-def is_finite(value: float) -> bool:
-    return value is not None and not math.isnan(value)
