@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     demo.set_defaults(func=command_demo)
+    from nnunetv2_mamba.cluster import add_cluster_subcommand
+    from nnunetv2_mamba.compare.cli import add_compare_subcommand
+    add_compare_subcommand(sub)
+    add_cluster_subcommand(sub)
     _register_optional_subcommands(sub)
     return parser
 

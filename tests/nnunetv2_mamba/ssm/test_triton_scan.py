@@ -24,6 +24,8 @@ CASES = [
     (3 * CHUNK - 1, "time_invariant", 1, 4, True, False),
     (2 * CHUNK + 3, "shared", 1, 6, False, True),  # 6 channels: a partly masked channel block
     (2 * CHUNK + 3, "grouped", 1, 4, False, False),
+    (3 * CHUNK - 1, "grouped_B_shared_C", 1, 4, True, True),
+    (3 * CHUNK - 1, "shared_d_state_3", 1, 4, True, True),  # d_state padded to 4 lanes inside the kernels
 ]
 CASE_IDS = [f"L{c[0]}-{c[1]}-b{c[2]}-d{c[3]}-{'opt' if c[4] else 'bare'}-{'softplus' if c[5] else 'raw'}"
             for c in CASES]
@@ -36,8 +38,12 @@ def run_case(length, bc, batch, channels, with_optional, softplus):
     from nnunetv2_mamba.ssm import selective_scan
     from tests.nnunetv2_mamba.ssm.test_scan import make_inputs, reference_scan
 
-    inputs = make_inputs(batch=batch, channels=channels, d_state=4, length=length, bc=bc, dtype=torch.float32,
-                         seed=length, with_d=with_optional, with_z=with_optional, with_bias=with_optional)
+    layout = bc.split("_")[0]
+    inputs = make_inputs(batch=batch, channels=channels, d_state=3 if bc.endswith("d_state_3") else 4,
+                         length=length, bc=layout, dtype=torch.float32, seed=length, with_d=with_optional,
+                         with_z=with_optional, with_bias=with_optional)
+    if bc == "grouped_B_shared_C":
+        inputs[4] = inputs[4][:, 0].contiguous()
     names = [n for n, t in zip("u delta A B C D z delta_bias".split(), inputs) if t is not None]
     leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
     out, last = selective_scan(*leaves, delta_softplus=softplus, return_last_state=True, backend="triton")
