@@ -80,7 +80,8 @@ def _softplus(x):
 @triton.jit
 def _load_tokens(ptr, s_b, s_d, s_l, b, d, t, mask):
     """Load a (T, BLOCK_D) tile of a (batch, channels, length) tensor read through its strides, as fp32."""
-    return tl.load(ptr + b * s_b + t[:, None] * s_l + d[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
+    offs = b * s_b + t[:, None] * s_l + d[None, :].to(tl.int64) * s_d  # int64: D * L may exceed 2**31
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def _load_bc(ptr, s0, s1, s2, s3, b, group, d, n, t, d_mask, n_mask, t_mask, VAR
     Variable: element (b, group, n, t) at b*s0 + group*s1 + n*s2 + t*s3. Time-invariant: (d, n) at d*s0 + n*s1.
     """
     if VARIABLE:
-        offs = b * s0 + group * s1 + t[:, None] * s3 + n[None, :] * s2
+        offs = b * s0 + group.to(tl.int64) * s1 + t[:, None] * s3 + n[None, :] * s2
         tile = tl.load(ptr + offs, mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         return tile[:, None, :]
     else:
@@ -292,7 +293,7 @@ def _chunk_output_kernel(
         if HAS_Z:
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             y *= zv / (1.0 + tl.exp(-zv))
-        tl.store(out_ptr + b * so_b + t[:, None] * so_l + d[None, :] * so_d,
+        tl.store(out_ptr + b * so_b + t[:, None] * so_l + d[None, :].to(tl.int64) * so_d,
                  y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -566,12 +567,15 @@ class SelectiveScanTriton(torch.autograd.Function):
         groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
         plan = _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps))
         A2 = (A.detach().float() * LOG2E).contiguous()
+        # The kernels index D and delta_bias with unit stride.
+        D_skip = None if D is None else D.contiguous()
+        bias = None if delta_bias is None else delta_bias.contiguous()
         with torch.autocast(device_type=u.device.type, enabled=False):
-            out, starts = _scan_forward(u, delta, A2, B, C, D, z, delta_bias, delta_softplus, plan,
+            out, starts = _scan_forward(u, delta, A2, B, C, D_skip, z, bias, delta_softplus, plan,
                                         keep_states=True)
         last_state = starts[:, -1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
-        ctx.plan, ctx.delta_softplus = plan, delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, bias, starts)
+        ctx.plan, ctx.delta_softplus, ctx.groups = plan, delta_softplus, groups
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
@@ -583,7 +587,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         d_state = A.shape[1]
         K = plan.n_chunks
         A2 = (A.float() * LOG2E).contiguous()
-        b_var, groups, sB = _bc_layout(B)
+        b_var, _, sB = _bc_layout(B)
+        groups = ctx.groups
         c_var, _, sC = _bc_layout(C)
         dummy = A2
         common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
@@ -611,10 +616,9 @@ class SelectiveScanTriton(torch.autograd.Function):
             partial_dn = torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
 
             def bc_grad_buffer(mat, variable):
-                if variable:
-                    g = mat.shape[1] if mat.dim() == 4 else 1
+                if variable:  # one slice per group even for a shared B/C next to a grouped C/B: summed below
                     alloc = torch.zeros if plan.atomic else torch.empty
-                    return alloc(batch, g, d_state, length, device=dev, dtype=torch.float32)
+                    return alloc(batch, groups, d_state, length, device=dev, dtype=torch.float32)
                 return torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
 
             dB_buf, dC_buf = bc_grad_buffer(B, b_var), bc_grad_buffer(C, c_var)
@@ -637,7 +641,9 @@ class SelectiveScanTriton(torch.autograd.Function):
             def bc_grad(buf, mat, variable):
                 if not variable:
                     return buf.sum(0).to(mat.dtype)
-                return buf.view(mat.shape).to(mat.dtype) if mat.dim() == 3 else buf.to(mat.dtype)
+                if mat.dim() == 3:
+                    buf = buf[:, 0] if groups == 1 else buf.sum(1)
+                return buf.to(mat.dtype)
 
             dB = bc_grad(dB_buf, B, b_var)
             dC = bc_grad(dC_buf, C, c_var)
