@@ -112,11 +112,11 @@ _LOOKUP_SNIPPET = (
 
 def _check_trainers(report: Report) -> None:
     from nnunetv2_mamba.registration import EXT_TRAINER_ENV_VAR
-    from nnunetv2_mamba.trainers.discovery import load_trainer_classes
+    from nnunetv2_mamba.trainers.discovery import concrete_of, load_trainer_classes
 
     report.section("Trainer discovery")
     errors: dict = {}
-    trainers = sorted(name for name, cls in load_trainer_classes(errors).items() if getattr(cls, "is_concrete", 0))
+    trainers = [name for name, _ in concrete_of(load_trainer_classes(errors))]
     for module, error in errors.items():
         report.problem(f"trainer module {module} failed to import: {error}",
                        "reinstall nnunetv2-mamba and check the error above")
@@ -173,6 +173,7 @@ def command_doctor(args: argparse.Namespace) -> int:
 def command_list(args: argparse.Namespace) -> int:
     """Print one line per trainer: name, network, supported dimensions."""
     from nnunetv2_mamba.trainers.discovery import concrete_trainers
+    from nnunetv2_mamba.trainers.schedules import SHORT_EPOCHS, short_schedule_name
 
     rows = [(name, getattr(cls, "network_family", ""),
              "/".join(f"{d}D" for d in getattr(cls, "supported_dims", ()))) for name, cls in concrete_trainers()]
@@ -184,6 +185,9 @@ def command_list(args: argparse.Namespace) -> int:
     print(f"{'trainer'.ljust(width)}  {'network'.ljust(family_width)}  dims")
     for name, family, dims in rows:
         print(f"{name.ljust(width)}  {family.ljust(family_width)}  {dims}")
+    epochs = ", ".join(short_schedule_name("T", n) for n in SHORT_EPOCHS)
+    print(f"\nEach trainer T also comes with short schedules, {epochs} ({len(rows) * len(SHORT_EPOCHS)} "
+          "trainers): the same recipe with its learning-rate schedule scaled to the shorter run.")
     return 0
 
 

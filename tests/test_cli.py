@@ -16,9 +16,11 @@ def test_list_prints_every_trainer_with_network_and_dims(capsys):
         assert code == 1 and "No trainers found" in out
         return
     assert code == 0
-    lines = out.strip().splitlines()
+    table, note = out.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split() == ["trainer", "network", "dims"]
-    assert len(lines) == len(trainers) + 1
+    assert len(lines) == len(trainers) + 1  # the short-schedule variants are mentioned, not listed
+    assert "_5epochs" not in table and "T_1epoch, T_5epochs" in note and f"({7 * len(trainers)} trainers)" in note
     for name, cls in trainers:
         line = next(line for line in lines if line.split()[0] == name)
         assert cls.network_family in line
