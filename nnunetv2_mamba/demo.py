@@ -228,7 +228,7 @@ def output_to_log(log_path: Path):
     except OSError:  # no real file descriptors (embedded interpreters): only redirect Python's streams
         saved = []
     terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1) if saved else sys.stderr
-    with open(log_path, "a") as log:
+    with open(log_path, "a", buffering=1) as log:  # line-buffered: the log can be followed while a step runs
         if saved:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
