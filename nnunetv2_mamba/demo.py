@@ -417,6 +417,8 @@ def write_figure(dataset_dir: Path, models: List[TrainedModel], labels: Dict[str
         return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
 
     image = read(image_path)
+    spacing = tuple(reversed(sitk.ReadImage(str(image_path)).GetSpacing()))  # array axes
+    aspect = spacing[-2] / spacing[-1]  # rows / columns of a displayed slice, so that anatomy is not stretched
     panels = [("ground truth", read(dataset_dir / "labelsTs" / f"{case}.nii.gz"))]
     panels += [(model.trainer_name, read(model.predictions_dir / f"{case}.nii.gz")) for model in models]
     colours = ["#000000", "#3c8dd6", "#bdbdbd", "#f2f2f2", "#ff7f0e", "#2ca02c"][:max(labels.values()) + 1]
@@ -426,11 +428,11 @@ def write_figure(dataset_dir: Path, models: List[TrainedModel], labels: Dict[str
                                 squeeze=False)
     for row, index in enumerate(slices):
         view = (lambda a: a[index]) if image.ndim == 3 else (lambda a: a)
-        axes[row][0].imshow(view(image), cmap="gray")
-        axes[row][0].set_ylabel(f"slice {index}")
+        axes[row][0].imshow(view(image), cmap="gray", aspect=aspect)
+        axes[row][0].set_ylabel(f"slice {index}", fontsize=8)
         for column, (title, volume) in enumerate(panels, start=1):
             axes[row][column].imshow(view(volume), cmap=colormap, vmin=0, vmax=len(colours) - 1,
-                                     interpolation="nearest")
+                                     interpolation="nearest", aspect=aspect)
         for column, title in enumerate(["image (T1)"] + [t for t, _ in panels]):
             if row == 0:
                 axes[row][column].set_title(title, fontsize=8)

@@ -11,8 +11,8 @@ from nnunetv2_mamba import cli, demo
 from nnunetv2_mamba.data.mni152 import LABELS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-#: Settings that learn something in about two CPU minutes: tiny cases (5 mm), a few dozen iterations.
-CI_SETTINGS = ["--device", "cpu", "--size", "24", "--train-cases", "6", "--test-cases", "2", "--epochs", "3",
+#: Settings that learn every class in a few CPU minutes: small cases (32 voxels, 5 mm), 24 iterations.
+CI_SETTINGS = ["--device", "cpu", "--size", "32", "--train-cases", "6", "--test-cases", "2", "--epochs", "3",
                "--iterations", "8", "--no-progress"]
 
 
@@ -57,10 +57,12 @@ def test_readme_demo_command_trains_and_clearly_beats_chance(tmp_path, isolated_
     assert table[0].split() == ["label", demo.DEFAULT_TRAINER, demo.BASELINE_TRAINER, "chance"]
     rows = {line.rsplit(None, 3)[0]: [float(v) for v in line.rsplit(None, 3)[1:]] for line in table[1:]}
     assert list(rows) == ["CSF", "grey matter", "white matter", "mean"]
-    for label in ("grey matter", "white matter"):
+    for label in ("CSF", "grey matter", "white matter"):
         ours, baseline, chance = rows[label]
-        assert ours > chance + 0.2 and baseline > chance + 0.2, (label, rows)
-    assert rows["mean"][0] > rows["mean"][2] + 0.15, rows
+        assert ours > 2 * chance + 0.1, (label, rows)  # clearly better than chance, every class
+        # nnU-Net's default trainer needs more than 24 iterations for the thin CSF (0.0 in the runs seen).
+        assert label == "CSF" or baseline > chance + 0.2, (label, rows)
+    assert rows["mean"][0] > rows["mean"][2] + 0.25, rows
     # Every output named, with the commands to go on; nnU-Net's plan dump went to the log, not the terminal.
     assert f"export nnUNet_results={workdir / 'nnUNet_results'}" in out
     assert f"nnUNetv2_train 152 3d_fullres 0 -tr {demo.DEFAULT_TRAINER}_50epochs -device cpu" in out
