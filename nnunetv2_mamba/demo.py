@@ -116,7 +116,8 @@ class DemoResult:
                      "Time per step:"]
         else:
             lines = [f"Demo finished in {self.workdir}", "", "Time per step:"]
-        lines += [f"  {step:<22} {seconds:8.1f} s" for step, seconds in self.timings.items()]
+        width = max([len(step) for step in self.timings] + [20])
+        lines += [f"  {step:<{width}} {seconds:8.1f} s" for step, seconds in self.timings.items()]
         if self.models:
             lines += ["", f"Dice on the {len(list((self.dataset_dir / 'labelsTs').glob('*.nii.gz')))} held-out "
                       f"cases ({self.configuration}, {self.epochs} epochs x {self.iterations} iterations; chance: a "
