@@ -84,6 +84,7 @@ setup(
         "SimpleITK>=2.2.1",
         "batchgenerators>=0.25.1",
         "einops",
+        "nilearn>=0.10",  # ships the MNI152 template that the demo dataset is built from (no download)
         "numpy",
     ],
     extras_require={

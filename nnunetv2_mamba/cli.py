@@ -32,6 +32,7 @@ class Report:
     def __init__(self):
         self.lines: List[str] = []
         self.problems = 0
+        self.warnings = 0
 
     def section(self, title: str) -> None:
         self.lines.append(f"\n{title}")
@@ -41,6 +42,11 @@ class Report:
 
     def note(self, text: str) -> None:
         self.lines.append(f"  [info] {text}")
+
+    def warn(self, text: str, fix: str) -> None:
+        """Something to fix before some use (e.g. nnU-Net's own commands), that does not break training."""
+        self.warnings += 1
+        self.lines.append(f"  [warn] {text}\n         fix: {fix}")
 
     def problem(self, text: str, fix: str) -> None:
         self.problems += 1
@@ -80,7 +86,7 @@ def _check_devices_and_backends(report: Report) -> None:
             report.ok(f"cuda:{index} {torch.cuda.get_device_name(index)}")
     else:
         report.note(f"no CUDA device visible (torch {torch.__version__}); training and inference run on the CPU, "
-                    "slowly")
+                    "slowly: add `-device cpu` to nnUNetv2_train and nnUNetv2_predict")
     report.section("Selective-scan backends (automatic order)")
     for row in describe_backends():
         if row["available"]:
@@ -112,11 +118,11 @@ _LOOKUP_SNIPPET = (
 
 def _check_trainers(report: Report) -> None:
     from nnunetv2_mamba.registration import EXT_TRAINER_ENV_VAR
-    from nnunetv2_mamba.trainers.discovery import load_trainer_classes
+    from nnunetv2_mamba.trainers.discovery import concrete_of, load_trainer_classes
 
     report.section("Trainer discovery")
     errors: dict = {}
-    trainers = sorted(name for name, cls in load_trainer_classes(errors).items() if getattr(cls, "is_concrete", 0))
+    trainers = [name for name, _ in concrete_of(load_trainer_classes(errors))]
     for module, error in errors.items():
         report.problem(f"trainer module {module} failed to import: {error}",
                        "reinstall nnunetv2-mamba and check the error above")
@@ -139,14 +145,16 @@ def _check_trainers(report: Report) -> None:
 
 
 def _check_paths(report: Report) -> None:
-    report.section("nnU-Net folders")
+    # nnU-Net's commands need these folders; the plugin, its trainers and `nnunetv2_mamba demo` (which sets them
+    # for its own folder) do not, so a missing one is a warning, not a failure.
+    report.section("nnU-Net folders (needed by nnU-Net's commands, not by `nnunetv2_mamba demo`)")
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         value = os.environ.get(variable)
         if not value:
-            report.problem(f"{variable} is not set", f"export {variable}=/path/to/{variable} (see nnU-Net's "
-                           "documentation/setting_up_paths.md)")
+            report.warn(f"{variable} is not set", f"export {variable}=/path/to/{variable} (see nnU-Net's "
+                        "documentation/setting_up_paths.md)")
         elif not os.path.isdir(value):
-            report.problem(f"{variable}={value} does not exist", f"mkdir -p {value}")
+            report.warn(f"{variable}={value} does not exist", f"mkdir -p {value}")
         else:
             report.ok(f"{variable}={value}")
 
@@ -163,16 +171,18 @@ def command_doctor(args: argparse.Namespace) -> int:
     print("nnunetv2-mamba doctor")
     for line in report.lines:
         print(line)
+    warnings = f" {report.warnings} warning(s): see the fixes above." if report.warnings else ""
     if report.problems:
-        print(f"\n{report.problems} problem(s) found; see the fixes above.")
+        print(f"\n{report.problems} problem(s) found that stop training; see the fixes above.{warnings}")
         return 1
-    print("\nEverything needed is in place.")
+    print(f"\nEverything needed to train is in place.{warnings}")
     return 0
 
 
 def command_list(args: argparse.Namespace) -> int:
     """Print one line per trainer: name, network, supported dimensions."""
     from nnunetv2_mamba.trainers.discovery import concrete_trainers
+    from nnunetv2_mamba.trainers.schedules import SHORT_EPOCHS, short_schedule_name
 
     rows = [(name, getattr(cls, "network_family", ""),
              "/".join(f"{d}D" for d in getattr(cls, "supported_dims", ()))) for name, cls in concrete_trainers()]
@@ -184,23 +194,21 @@ def command_list(args: argparse.Namespace) -> int:
     print(f"{'trainer'.ljust(width)}  {'network'.ljust(family_width)}  dims")
     for name, family, dims in rows:
         print(f"{name.ljust(width)}  {family.ljust(family_width)}  {dims}")
+    epochs = ", ".join(short_schedule_name("T", n) for n in SHORT_EPOCHS)
+    print(f"\nEach trainer T also comes with short schedules, {epochs} ({len(rows) * len(SHORT_EPOCHS)} "
+          "trainers): the same recipe with its learning-rate schedule scaled to the shorter run.")
     return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    """Run the quick-start job and print its timings and Dice scores."""
+    """Run the quick-start job on the MNI152 brain-tissue data and print its report."""
     from nnunetv2_mamba.demo import run_demo
 
     result = run_demo(args.workdir, trainer_name=args.trainer, configuration=args.configuration,
-                      epochs=args.epochs, iterations=args.iterations, device=args.device)
-    print(f"\nDemo finished in {args.workdir}")
-    for step, seconds in result.timings.items():
-        print(f"  {step:<20} {seconds:8.1f} s")
-    print(f"  trained model:       {result.results_dir}")
-    print(f"  predictions:         {result.predictions_dir}")
-    for label, metrics in sorted(result.summary.get("mean", {}).items()):
-        print(f"  Dice label {label}:         {metrics['Dice']:.3f}")
-    print(f"  Dice foreground mean: {result.summary['foreground_mean']['Dice']:.3f}")
+                      epochs=args.epochs, iterations=args.iterations, device=args.device, baseline=args.baseline,
+                      prepare_only=args.prepare_only, n_train=args.train_cases, n_test=args.test_cases,
+                      size=args.size, seed=args.seed, progress=not args.no_progress)
+    print("\n" + result.report())
     return 0
 
 
@@ -213,13 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=command_doctor)
     sub.add_parser("list", help="list the trainers with their network and 2D/3D support"
                    ).set_defaults(func=command_list)
-    demo = sub.add_parser("demo", help="train and evaluate a trainer briefly on a small synthetic dataset")
-    demo.add_argument("--workdir", default="nnunetv2_mamba_demo", help="folder for data, model and predictions")
-    demo.add_argument("--trainer", default="nnUNetTrainerUMambaBot", help="trainer class name")
-    demo.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration (2d, 3d_fullres)")
-    demo.add_argument("--epochs", type=int, default=1)
-    demo.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    from nnunetv2_mamba.demo import DEFAULT_TRAINER, DEFAULTS
+
+    demo = sub.add_parser(
+        "demo", help="build an MNI152 brain-tissue dataset, train a trainer briefly, predict and evaluate it",
+        description="Build an nnU-Net dataset of brain tissues (CSF, grey and white matter) from the MNI152 "
+                    "template, plan and preprocess it, train a trainer, predict the held-out cases and print "
+                    "their per-class Dice. Defaults: CPU {cpu}; GPU {cuda}.".format(
+                        **{k: ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in DEFAULTS.items()}))
+    demo.add_argument("--workdir", default="nnunetv2_mamba_demo", help="folder for data, models and predictions")
+    demo.add_argument("--trainer", default=DEFAULT_TRAINER, help=f"trainer class name (default {DEFAULT_TRAINER})")
+    demo.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration: 3d_fullres or 2d")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs (default: per device, see above)")
+    demo.add_argument("--iterations", type=int, default=None, help="training iterations per epoch")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    demo.add_argument("--baseline", action="store_true",
+                      help="also train nnU-Net's default nnUNetTrainer on the same data and schedule")
+    demo.add_argument("--prepare-only", action="store_true",
+                      help="write the dataset to WORKDIR/nnUNet_raw/Dataset152_MNI152Tissues and stop")
+    demo.add_argument("--train-cases", type=int, default=None, help="number of training cases (>= 5)")
+    demo.add_argument("--test-cases", type=int, default=None, help="number of held-out test cases")
+    demo.add_argument("--size", type=int, default=None, help="nominal voxels per axis of a case (48: ~3.3 mm)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the dataset")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=command_demo)
     from nnunetv2_mamba.cluster import add_cluster_subcommand
     from nnunetv2_mamba.compare.cli import add_compare_subcommand

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 logger = logging.getLogger(__name__)
 
 _PACKAGE = "nnunetv2_mamba.trainers"
-_NOT_TRAINER_MODULES = {"base", "discovery"}
+_NOT_TRAINER_MODULES = {"base", "discovery", "schedules"}
 
 
 def trainer_module_names() -> List[str]:
@@ -21,13 +21,15 @@ def trainer_module_names() -> List[str]:
 
 
 def load_trainer_classes(errors: Dict[str, str] | None = None) -> Dict[str, type]:
-    """Return {class name: class} of every nnUNetTrainer subclass defined in the trainer modules.
+    """Return {class name: class} of every trainer: those of the trainer modules and their short schedules.
 
-    Import failures are logged (and recorded in ``errors`` by module name) instead of raised, so one
+    The short-schedule variants (``T_5epochs`` ..., see schedules.py) of every concrete trainer are included,
+    so nnU-Net's lookup by name finds them. Import failures are logged (and recorded in ``errors`` by module name) instead of raised, so one
     broken module never hides the others from nnU-Net's lookup.
     """
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2_mamba.trainers import base
+    from nnunetv2_mamba.trainers.schedules import make_short_schedule_classes
 
     found: Dict[str, type] = {cls.__name__: cls for cls in (base.nnUNetTrainerMambaBase,)}
     for module_name in trainer_module_names():
@@ -42,10 +44,21 @@ def load_trainer_classes(errors: Dict[str, str] | None = None) -> Dict[str, type
         for name, obj in vars(module).items():
             if inspect.isclass(obj) and issubclass(obj, nnUNetTrainer) and obj.__module__ == module.__name__:
                 found[name] = obj
+    found.update(make_short_schedule_classes(cls for _, cls in concrete_of(found)))
     return found
 
 
+def concrete_of(classes: Dict[str, type]) -> List[Tuple[str, type]]:
+    """Return (name, class) of the concrete trainers in ``classes``, short-schedule variants left out."""
+    return sorted((name, cls) for name, cls in classes.items()
+                  if getattr(cls, "is_concrete", False) and "short_schedule_of" not in vars(cls))
+
+
 def concrete_trainers() -> List[Tuple[str, type]]:
-    """Return (name, class) of the trainers users can train, sorted by name."""
-    return sorted((name, cls) for name, cls in load_trainer_classes().items()
-                  if getattr(cls, "is_concrete", False))
+    """Return (name, class) of the trainers users can train, sorted by name (short schedules left out)."""
+    return concrete_of(load_trainer_classes())
+
+
+def short_schedule_trainers() -> List[Tuple[str, type]]:
+    """Return (name, class) of the short-schedule variants (``T_1epoch`` ... ``T_250epochs``), sorted by name."""
+    return sorted((name, cls) for name, cls in load_trainer_classes().items() if "short_schedule_of" in vars(cls))
