@@ -182,6 +182,36 @@ def check_checkpoint_version(checkpoint: dict, source: str = "the checkpoint") -
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Bad input found before the first step
+# ------------------------------------------------------------------------------------------------------------
+
+def check_requested_backend() -> None:
+    """Raise BackendError now if $NNUNETV2_MAMBA_BACKEND names an unknown or uninstalled backend.
+
+    Otherwise the error would come from the first forward pass, under a dozen frames of network code.
+    Whether the backend supports the tensors (device, dtype) is still checked per call.
+    """
+    from nnunetv2_mamba.ssm.scan import BACKEND_ENV_VAR, BackendError, get_backend, requested_backend_name
+
+    name = requested_backend_name()  # raises for unknown names, with the closest known one
+    if name == "auto":
+        return
+    reason = get_backend(name).unavailable_reason()
+    if reason is not None:
+        raise BackendError(f"Selective-scan backend {name!r} was requested (${BACKEND_ENV_VAR}={name}) but cannot "
+                           f"be used: {reason} Choose another backend or unset {BACKEND_ENV_VAR} for automatic "
+                           f"selection.")
+
+
+def channel_mismatch_message(data_channels: int, expected_channels: int, channel_names: dict) -> str:
+    """Return the message for a batch whose channel count differs from the plans' / dataset.json's."""
+    return (f"The preprocessed data has {data_channels} input channels but the plans and dataset.json declare "
+            f"{expected_channels} ({channel_names}). Preprocess the data again with this dataset.json "
+            f"(nnUNetv2_plan_and_preprocess -d ID --verify_dataset_integrity), or fix dataset.json's "
+            f"channel_names / the images' _0000.._{max(data_channels - 1, 0):04d} files.")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Non-finite losses
 # ------------------------------------------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CHECKPOINT_NAMES, MambaOutOfMemoryError,
-                                        NonFiniteLossCounter, atomic_torch_save, check_checkpoint_version,
-                                        checkpoint_metadata, guard_out_of_memory, load_checkpoint_file,
+                                        NonFiniteLossCounter, atomic_torch_save, channel_mismatch_message,
+                                        check_checkpoint_version, check_requested_backend, checkpoint_metadata, guard_out_of_memory, load_checkpoint_file,
                                         missing_continue_message, out_of_memory_message)
 
 
@@ -120,6 +120,7 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     def on_train_start(self):
+        check_requested_backend()  # a misspelled / uninstalled forced backend fails before any work
         # nnU-Net starts a new training when --c finds no checkpoint; say which files exist and what to pass.
         if self.logger.resume and self.current_epoch == 0 and self.output_folder is not None and \
                 not any(os.path.isfile(os.path.join(self.output_folder, name)) for name in CHECKPOINT_NAMES):
@@ -185,6 +186,10 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step (autocast on CUDA), through ``optimizer_step``."""
         data = batch["data"].to(self.device, non_blocking=True)
+        expected = getattr(self, "num_input_channels", None)
+        if expected is not None and data.shape[1] != expected:
+            raise PlanError(channel_mismatch_message(data.shape[1], expected,
+                                                     self.dataset_json.get("channel_names")))
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
             target.to(self.device, non_blocking=True)
