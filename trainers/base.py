@@ -15,10 +15,11 @@ from torch._dynamo import OptimizedModule
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
-from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CHECKPOINT_NAMES, MambaOutOfMemoryError,
+from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CHECKPOINT_NAMES, CheckpointError, MambaOutOfMemoryError,
                                         NonFiniteLossCounter, atomic_torch_save, channel_mismatch_message,
-                                        check_checkpoint_version, check_requested_backend, checkpoint_metadata, guard_out_of_memory, load_checkpoint_file,
-                                        missing_continue_message, out_of_memory_message)
+                                        check_checkpoint_version, check_requested_backend, checkpoint_metadata,
+                                        guard_out_of_memory, load_checkpoint_file, missing_continue_message,
+                                        out_of_memory_message)
 
 
 class nnUNetTrainerMambaBase(nnUNetTrainer):
@@ -114,7 +115,18 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
-        network.load_state_dict(weights)
+        try:
+            network.load_state_dict(weights)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            missing = own_keys - weights.keys()
+            unexpected = weights.keys() - own_keys
+            raise CheckpointError(
+                f"{source} does not fit {type(network).__name__} of {self.__class__.__name__} with this plan "
+                f"({len(missing)} missing, {len(unexpected)} unexpected weights; {first_line}). "
+                f"{warning or ''} Load it with the trainer, plans and configuration it was trained "
+                f"with ({checkpoint.get('trainer_name')}, configuration "
+                f"{checkpoint.get('init_args', {}).get('configuration')}).".replace("  ", " ")) from None
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])

@@ -1,6 +1,7 @@
 """The trainers' reliability layer (trainers/base.py): atomic checkpoints with nnU-Net's content, clear load
 errors, the plugin version, skipped non-finite steps, the out-of-memory message, deterministic CPU steps."""
 import glob
+from pathlib import Path
 import io
 import os
 
@@ -10,7 +11,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_mamba import reliability
+from nnunetv2_mamba.plans import PlanError
 from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CheckpointError, MambaOutOfMemoryError,
                                         NonFiniteLossError)
 from nnunetv2_mamba.ssm.scan import backend_names
@@ -147,6 +148,20 @@ def test_other_plugin_version_is_stated_and_the_checkpoint_loads(trainer):
     assert "without a nnunetv2-mamba version" in _log(trainer)
 
 
+def test_checkpoint_of_another_network_is_one_clear_error(trainer):
+    filename = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.save_checkpoint(filename)
+    checkpoint = torch.load(filename, weights_only=False)
+    checkpoint[CHECKPOINT_KEY]["version"] = "9.0.0"
+    checkpoint["network_weights"]["decoder.extra.weight"] = torch.zeros(1)
+    del checkpoint["network_weights"]["decoder.seg_layers.0.weight"]
+    with pytest.raises(CheckpointError) as error:
+        trainer.load_checkpoint(checkpoint)
+    message = str(error.value)
+    assert "does not fit UMambaBot of nnUNetTrainerUMambaBot with this plan (1 missing, 1 unexpected" in message
+    assert "nnunetv2-mamba 9.0.0, a newer version" in message and "\n" not in message
+
+
 def test_continue_without_checkpoint_says_which_files_exist(trainer, monkeypatch):
     monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
     sibling = os.path.join(os.path.dirname(trainer.output_folder), "fold_1")
@@ -186,6 +201,34 @@ def test_checkpoint_never_stores_the_scan_backend(trainer, monkeypatch):
              if s in names or "backend" in s.lower()]
     assert found == []
     assert [k for k in checkpoint["network_weights"] if "backend" in k] == []
+
+
+def test_channel_count_mismatch_between_plans_and_data_is_one_line(trainer):
+    batch = make_batch(trainer)
+    batch["data"] = torch.cat([batch["data"], batch["data"]], dim=1)
+    with pytest.raises(PlanError) as error:
+        trainer.train_step(batch)
+    message = str(error.value)
+    assert message.startswith("The preprocessed data has 2 input channels but the plans and dataset.json declare 1 ")
+    assert "{'0': 'MRI'}" in message and "nnUNetv2_plan_and_preprocess" in message and "\n" not in message
+
+
+def test_forced_backend_is_checked_before_training_starts(trainer, monkeypatch):
+    from nnunetv2_mamba.ssm.scan import BACKEND_ENV_VAR, BackendError, get_backend
+    started = []
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: started.append(True))
+    monkeypatch.setenv(BACKEND_ENV_VAR, "mamba-ssm")
+    with pytest.raises(BackendError, match="Unknown selective-scan backend 'mamba-ssm'. Did you mean 'mamba_ssm'"):
+        trainer.on_train_start()
+    unavailable = get_backend("mamba_ssm").unavailable_reason()
+    if unavailable is not None:  # this machine: not installed or no GPU
+        monkeypatch.setenv(BACKEND_ENV_VAR, "mamba_ssm")
+        with pytest.raises(BackendError, match="'mamba_ssm' was requested .* cannot be used"):
+            trainer.on_train_start()
+    assert started == []
+    monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
+    trainer.on_train_start()
+    assert started == [True]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -316,3 +359,231 @@ def test_two_seeded_cpu_runs_give_identical_weights(tmp_path, monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
     _assert_same_state(*states)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end: SIGKILL mid-epoch, resume with --c; the same predictions with two thread counts
+# ------------------------------------------------------------------------------------------------------------
+
+RESUME_TRAINER = "nnUNetTrainerUMambaBot_resume"  # tests/e2e/trainers: 3 epochs x 2 iterations, save_every 1
+RESUME_DATASET = 989
+
+
+def _training_logs(fold_folder):
+    return sorted(glob.glob(os.path.join(fold_folder, "training_log_*.txt")))
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    import re
+    import signal
+    import subprocess
+    import time
+
+    from nnunetv2_mamba.data.synthetic import make_synthetic_dataset
+    from tests.e2e.helpers import nnunet_command, nnunet_env, run_step
+
+    root = tmp_path_factory.mktemp("resume")
+    env = nnunet_env(root)
+    dataset_dir = make_synthetic_dataset(env["nnUNet_raw"], RESUME_DATASET, shape=(16, 16, 16))
+    logs = root / "logs"
+    run_step("plan_and_preprocess", [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(RESUME_DATASET),
+                                     "-c", "3d_fullres", "-np", "1"], env, logs)
+    train = [nnunet_command("nnUNetv2_train"), str(RESUME_DATASET), "3d_fullres", "0", "-tr", RESUME_TRAINER,
+             "-device", "cpu"]
+    train_env = {**env, "nnUNet_n_proc_DA": "0"}  # no augmentation workers: the kill hits the only process
+    with open(logs / "killed_train.log", "w") as output:
+        process = subprocess.Popen(train, env=train_env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        deadline = time.time() + 600
+        fold_folder = None
+        try:
+            while time.time() < deadline and process.poll() is None:
+                found = glob.glob(str(root / "nnUNet_results" / "*" / f"{RESUME_TRAINER}__*" / "fold_0"))
+                if found:
+                    fold_folder = found[0]
+                    text = "".join(open(f).read() for f in _training_logs(fold_folder))
+                    # "Epoch 2" is logged after epoch 1's checkpoint_latest.pth: kill inside epoch 2.
+                    if re.search(r": Epoch 2\s*\n", text):
+                        break
+                time.sleep(0.05)
+            os.killpg(process.pid, signal.SIGKILL)
+        finally:
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, (logs / "killed_train.log").read_text()[-3000:]
+    assert fold_folder is not None
+    killed_state = {"files": sorted(os.listdir(fold_folder)),
+                    "latest": torch.load(os.path.join(fold_folder, "checkpoint_latest.pth"), weights_only=False)}
+    first_logs = _training_logs(fold_folder)
+    resume_output = run_step("resume", train + ["--c"], train_env, logs)
+    return {"fold_folder": fold_folder, "killed": killed_state, "first_logs": first_logs, "env": env,
+            "resume_output": resume_output, "dataset_dir": dataset_dir}
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_epoch_then_continue_resumes_and_finishes_the_schedule(killed_and_resumed):
+    import re
+    fold_folder = killed_and_resumed["fold_folder"]
+    killed = killed_and_resumed["killed"]
+    assert "checkpoint_final.pth" not in killed["files"], "the kill must come before the end of training"
+    assert killed["latest"]["current_epoch"] == 2, "epoch 1's checkpoint_latest.pth is the last one written"
+    final = torch.load(os.path.join(fold_folder, "checkpoint_final.pth"), weights_only=False)
+    assert final["current_epoch"] == 3 and final[CHECKPOINT_KEY]["version"] == __version__
+    # The logger was restored: one entry per epoch 0..2, the first two those of the killed run.
+    assert len(final["logging"]["train_losses"]) == 3
+    assert final["logging"]["train_losses"][:2] == killed["latest"]["logging"]["train_losses"][:2]
+    # (That the optimizer and GradScaler state come back exactly is test_load_checkpoint_restores_...)
+    resumed_logs = [f for f in _training_logs(fold_folder) if f not in killed_and_resumed["first_logs"]]
+    assert len(resumed_logs) == 1
+    resumed = open(resumed_logs[0]).read()
+    epochs = [int(e) for e in re.findall(r": Epoch (\d+)\s*\n", resumed)]
+    assert epochs == [2], "the resumed run trains epoch 2 only"
+    # The poly schedule continues at epoch 2 of 3: lr = 1e-2 * (1 - 2/3) ** 0.9.
+    assert f"Current learning rate: {np.round(1e-2 * (1 - 2 / 3) ** 0.9, decimals=5)}" in resumed
+    assert "Training done." in resumed
+    assert [name for name in os.listdir(fold_folder) if name.endswith(".tmp")] == []
+
+
+def _dice_per_class(a, b, labels):
+    return {label: 2 * np.sum((a == label) & (b == label)) / max(np.sum(a == label) + np.sum(b == label), 1)
+            for label in labels}
+
+
+@pytest.mark.e2e
+def test_same_prediction_with_two_thread_counts(killed_and_resumed, monkeypatch):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    monkeypatch.setenv("NNUNETV2_MAMBA_BACKEND", "torch")
+    # The predictor finds the test trainer by name, as nnUNetv2_predict would.
+    monkeypatch.setenv("nnUNet_extTrainer", killed_and_resumed["env"]["nnUNet_extTrainer"] + os.pathsep +
+                       os.environ.get("nnUNet_extTrainer", ""))
+    model_folder = os.path.dirname(killed_and_resumed["fold_folder"])
+    case = sorted((killed_and_resumed["dataset_dir"] / "imagesTs").glob("*.nii.gz"))[0]
+    image, properties = SimpleITKIO().read_images([str(case)])
+    threads = torch.get_num_threads()
+    segmentations = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                                        perform_everything_on_device=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(model_folder, use_folds=(0,))
+            segmentations.append(predictor.predict_single_npy_array(image, properties))
+    finally:
+        torch.set_num_threads(threads)
+    assert segmentations[0].shape == image.shape[1:]
+    dice = _dice_per_class(*segmentations, labels=(1, 2))
+    assert all(value >= 0.99 for value in dice.values()), dice
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: every trainer at its default precision and nnU-Net's default plan; GPU-trained, CPU-predicted
+# ------------------------------------------------------------------------------------------------------------
+
+def _concrete_trainer_names():
+    from nnunetv2_mamba.trainers.discovery import concrete_trainers
+    return [name for name, _ in concrete_trainers()]
+
+
+@pytest.fixture(scope="module")
+def amp_datasets(tmp_path_factory):
+    """Return prepare(kind) -> (env, dataset id): a planned + preprocessed volume or video dataset.
+
+    $NNUNETV2_MAMBA_AMP_DATASET may name a raw DatasetXXX_Name folder (e.g. real anatomy) used for volumes.
+    """
+    import re
+
+    from nnunetv2_mamba.data.synthetic import make_synthetic_dataset
+    from tests.e2e.helpers import nnunet_command, nnunet_env, run_step
+    from tests.test_vivim_e2e import _make_video_dataset
+
+    root = tmp_path_factory.mktemp("amp")
+    env = nnunet_env(root)
+    prepared = {}
+
+    def prepare(kind):
+        if kind not in prepared:
+            raw = root / "nnUNet_raw"
+            own = os.environ.get("NNUNETV2_MAMBA_AMP_DATASET")
+            if kind == "volume" and own:
+                dataset_id = int(re.match(r"Dataset(\d+)_", os.path.basename(own.rstrip("/"))).group(1))
+                os.symlink(own, raw / os.path.basename(own.rstrip("/")))
+            elif kind == "volume":
+                dataset_id = 988
+                make_synthetic_dataset(raw, dataset_id, shape=(64, 64, 64))
+            else:
+                dataset_id = 987
+                _make_video_dataset(raw, dataset_id)
+            run_step(f"plan_{kind}", [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
+                                      "-c", "3d_fullres", "-np", "2"], env, root / "logs")
+            prepared[kind] = dataset_id
+        return env, prepared[kind]
+    return prepare
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+@pytest.mark.parametrize("trainer_name", _concrete_trainer_names())
+def test_default_precision_gpu_training_has_no_nonfinite_step(trainer_name, amp_datasets):
+    """$NNUNETV2_MAMBA_TEST_ITERATIONS (default 500) steps of ``nnUNetv2_train -tr <trainer>_amp``."""
+    import re
+
+    from tests.e2e.helpers import nnunet_command, run_step
+
+    env, dataset_id = amp_datasets("video" if "Vivim" in trainer_name else "volume")
+    run_step(f"train_{trainer_name}", [nnunet_command("nnUNetv2_train"), str(dataset_id), "3d_fullres", "0",
+                                       "-tr", f"{trainer_name}_amp", "-device", "cuda"],
+             {**env, "nnUNet_n_proc_DA": "4"}, Path(env["nnUNet_results"]).parent / "logs", timeout=3600)
+    fold = glob.glob(os.path.join(env["nnUNet_results"], "*", f"{trainer_name}_amp__*", "fold_0"))[0]
+    log = "".join(open(f).read() for f in _training_logs(fold))
+    skipped = re.findall(r"Non-finite loss \((.*?)\) at epoch (\d+) iteration (\d+)", log)
+    final = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    steps = int(os.environ.get("NNUNETV2_MAMBA_TEST_ITERATIONS", "500"))
+    print(f"{trainer_name}: {steps} steps at default precision, {len(skipped)} skipped non-finite: {skipped}")
+    assert skipped == [], f"{trainer_name}: {len(skipped)} of {steps} steps had a non-finite loss: {skipped}"
+    assert all(np.isfinite(loss) for loss in final["logging"]["train_losses"])
+    bad = [k for k, v in final["network_weights"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert bad == []
+
+
+def _learnable_batch(trainer, batch_size=2, seed=0):
+    """A batch whose labels follow from the intensities (0 below -0.5, 1 up to 0.5, 2 above), so that a short
+    training gives confident predictions instead of near-ties decided by rounding."""
+    batch = make_batch(trainer, batch_size, seed)
+    smooth = torch.nn.functional.avg_pool3d(batch["data"], 3, stride=1, padding=1) * 3
+    batch["data"] = smooth
+    labels = (smooth > -0.5).float() + (smooth > 0.5).float()
+    batch["target"] = [torch.nn.functional.interpolate(labels, size=t.shape[2:], mode="nearest")
+                       for t in batch["target"]]
+    return batch
+
+
+@pytest.mark.gpu
+def test_gpu_trained_network_predicts_the_same_on_cpu(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    trainer = make_trainer(nnUNetTrainerUMambaBot, "3d_fullres", tmp_path, monkeypatch, device="cuda")
+    assert trainer.grad_scaler is not None, "default AMP training on the GPU"
+    monkeypatch.delenv("NNUNETV2_MAMBA_BACKEND", raising=False)  # the fastest backend here (mamba_ssm if any)
+    trainer.network.train()
+    for step in range(50):
+        trainer.train_step(_learnable_batch(trainer, seed=step))
+    filename = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    trainer.save_checkpoint(filename)
+    checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+    gpu_network = nnUNetTrainerUMambaBot.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 3, enable_deep_supervision=False).cuda().eval()
+    gpu_network.load_state_dict(checkpoint["network_weights"])
+    monkeypatch.setenv("NNUNETV2_MAMBA_BACKEND", "torch")
+    cpu_network = nnUNetTrainerUMambaBot.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 3, enable_deep_supervision=False).eval()
+    cpu_network.load_state_dict(checkpoint["network_weights"])
+    x = _learnable_batch(trainer, batch_size=4, seed=100)["data"]
+    with torch.no_grad():
+        monkeypatch.delenv("NNUNETV2_MAMBA_BACKEND")
+        with torch.autocast("cuda"):  # as nnU-Net's predictor on the GPU
+            on_gpu = gpu_network(x.cuda()).float().argmax(1).cpu().numpy()
+        monkeypatch.setenv("NNUNETV2_MAMBA_BACKEND", "torch")
+        on_cpu = cpu_network(x).argmax(1).numpy()
+    dice = _dice_per_class(on_gpu, on_cpu, labels=(0, 1, 2))
+    assert all(value >= 0.99 for value in dice.values()), dice
