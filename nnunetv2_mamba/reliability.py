@@ -114,8 +114,13 @@ def describe_checkpoints(fold_folder: str) -> str:
 
 def missing_continue_message(fold_folder: str) -> str:
     """Return the message for ``nnUNetv2_train ... --c`` when the fold folder has no checkpoint to resume."""
-    return (f"--c was given but there is no checkpoint to continue from: {describe_checkpoints(fold_folder)} "
-            f"Pass the dataset, configuration, fold, -tr and -p of the run to continue (the folder name is "
+    fold_folder = Path(fold_folder)
+    # A typo in -tr / -p / the configuration points at a new folder: name the runs of this dataset that exist.
+    runs = sorted(f"{run.parent.name}/{run.name}" for run in fold_folder.parent.parent.glob(f"*/{fold_folder.name}")
+                  if run != fold_folder and list_checkpoints(str(run)))
+    others = f" Runs of this dataset with checkpoints: {', '.join(runs)}." if runs else ""
+    return (f"--c was given but there is no checkpoint to continue from: {describe_checkpoints(str(fold_folder))}"
+            f"{others} Pass the dataset, configuration, fold, -tr and -p of the run to continue (the folder name is "
             f"<trainer>__<plans>__<configuration>/fold_<fold>), or drop --c; starting a new training now.")
 
 

@@ -167,6 +167,10 @@ def test_continue_without_checkpoint_says_which_files_exist(trainer, monkeypatch
     sibling = os.path.join(os.path.dirname(trainer.output_folder), "fold_1")
     os.makedirs(sibling)
     open(os.path.join(sibling, "checkpoint_latest.pth"), "wb").close()
+    other_run = os.path.join(os.path.dirname(os.path.dirname(trainer.output_folder)),
+                             "nnUNetTrainerUMambaEnc__nnUNetPlans__3d_fullres", "fold_0")
+    os.makedirs(other_run)
+    open(os.path.join(other_run, "checkpoint_best.pth"), "wb").close()
     trainer.on_train_start()
     assert "--c was given" not in _log(trainer), "no message without --c"
     trainer.logger.resume = True
@@ -174,6 +178,7 @@ def test_continue_without_checkpoint_says_which_files_exist(trainer, monkeypatch
     log = _log(trainer)
     assert "--c was given but there is no checkpoint to continue from" in log
     assert "fold_0 holds no checkpoint; other folds: fold_1: checkpoint_latest.pth" in log
+    assert "Runs of this dataset with checkpoints: nnUNetTrainerUMambaEnc__nnUNetPlans__3d_fullres/fold_0." in log
     assert "-tr and -p of the run to continue" in log
 
 
