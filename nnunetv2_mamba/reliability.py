@@ -33,8 +33,12 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after too many consecutive non-finite losses."""
 
 
-class MambaOutOfMemoryError(RuntimeError):
-    """A step of a plugin network ran out of GPU memory; the message says which network, sizes and what to do."""
+class MambaOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """A step of a plugin network ran out of GPU memory; the message says which network, sizes and what to do.
+
+    A torch.cuda.OutOfMemoryError (so a RuntimeError): handlers of either still catch it, e.g. nnU-Net's
+    predictor, which retries a sliding window with its result arrays on the CPU.
+    """
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -274,8 +278,10 @@ def out_of_memory_message(network: str, patch_size: Sequence[int], batch_size: i
 def _guarded_forward(self, x, *args, **kwargs):
     try:
         return type(self).forward(self, x, *args, **kwargs)
+    except MambaOutOfMemoryError:
+        raise  # already reported by an inner plugin network
     except torch.cuda.OutOfMemoryError as error:
-        step = "training" if self.training else "prediction"
+        step = "training" if self.training else "inference (validation or prediction)"
         raise MambaOutOfMemoryError(out_of_memory_message(type(self).__name__, tuple(x.shape[2:]), x.shape[0],
                                                           error, x.device, step)) from None
 

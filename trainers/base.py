@@ -213,6 +213,8 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
                 output = self.network(data)
                 loss = self.loss(output, target)
             self.optimizer_step(loss)
+        except MambaOutOfMemoryError:
+            raise  # the network's forward reported it (message with the network's own name)
         except torch.cuda.OutOfMemoryError as error:
             raise self._out_of_memory(error, data, "training") from None
         return {"loss": loss.detach().cpu().numpy()}
@@ -220,6 +222,8 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         try:
             return super().validation_step(batch)
+        except MambaOutOfMemoryError:
+            raise
         except torch.cuda.OutOfMemoryError as error:
             raise self._out_of_memory(error, batch["data"], "validation") from None
 

@@ -1,5 +1,6 @@
 """The trainers' reliability layer (trainers/base.py): atomic checkpoints with nnU-Net's content, clear load
 errors, the plugin version, skipped non-finite steps, the out-of-memory message, deterministic CPU steps."""
+import copy
 import glob
 from pathlib import Path
 import io
@@ -337,6 +338,8 @@ def test_out_of_memory_in_a_training_step_gives_one_message(trainer, monkeypatch
     assert "patch size [8, 16, 16], batch size 2" in message and "tried to allocate 2.50 GiB" in message
     assert "nnunetv2_mamba plan --gpu-memory" in message and "NoAMP" in message and "\n" not in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
+    assert isinstance(error.value, torch.cuda.OutOfMemoryError), "handlers of torch's OOM still catch it"
+    assert message.count("Out of GPU memory") == 1
 
 
 def test_out_of_memory_at_prediction_gives_one_message(trainer, monkeypatch):
@@ -345,11 +348,12 @@ def test_out_of_memory_at_prediction_gives_one_message(trainer, monkeypatch):
     assert list(network.state_dict()) == [k for k in trainer.network.state_dict()]
     monkeypatch.setattr(type(network), "forward", _raise_oom)
     network.eval()
-    with pytest.raises(MambaOutOfMemoryError, match=r"prediction step of UMambaBot \(patch size \[8, 16, 16\], "
-                                                     r"batch size 1\): it tried to allocate 2.50 GiB"):
+    with pytest.raises(MambaOutOfMemoryError, match=r"inference \(validation or prediction\) step of UMambaBot "
+                                                     r"\(patch size \[8, 16, 16\], batch size 1\): it tried to "
+                                                     r"allocate 2.50 GiB"):
         network(torch.zeros(1, 1, 8, 16, 16))
-    copy = __import__("copy").deepcopy(network)
-    assert copy.forward.__self__ is copy, "a copied network keeps its own guarded forward"
+    copied = copy.deepcopy(network)
+    assert copied.forward.__self__ is copied, "a copied network keeps its own guarded forward"
 
 
 def test_two_seeded_cpu_runs_give_identical_weights(tmp_path, monkeypatch):
