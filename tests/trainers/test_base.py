@@ -454,7 +454,9 @@ def test_sigkill_mid_epoch_then_continue_resumes_and_finishes_the_schedule(kille
 
 
 def _dice_per_class(a, b, labels):
-    return {label: 2 * np.sum((a == label) & (b == label)) / max(np.sum(a == label) + np.sum(b == label), 1)
+    """Dice of two segmentations per label; 1 where both lack the label (they agree)."""
+    sizes = {label: np.sum(a == label) + np.sum(b == label) for label in labels}
+    return {label: 2 * np.sum((a == label) & (b == label)) / sizes[label] if sizes[label] else 1.0
             for label in labels}
 
 
