@@ -92,7 +92,5 @@ class nnUNetTrainerLoGVMambaPaperRecipe(NoAMPMixin, nnUNetTrainerLoGVMamba):
         with torch.autocast(device_type=self.device.type, enabled=False):
             output = self.network(data.float())
             loss = self.loss(output, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-        self.optimizer.step()
+        self.optimizer_step(loss)  # backward, clip at grad_clip_norm, step; skips a non-finite loss
         return {"loss": loss.detach().cpu().numpy()}

@@ -7,6 +7,7 @@ tensors wins. ``backend=`` or the environment variable ``NNUNETV2_MAMBA_BACKEND`
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from typing import Dict, List, Optional
@@ -48,7 +49,9 @@ def get_backend(name: str) -> ScanBackend:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BackendError(f"Unknown selective-scan backend {name!r}. Known backends: "
+        close = difflib.get_close_matches(str(name).replace("-", "_"), _PREFERENCE + ["auto"], n=1, cutoff=0.5)
+        suggestion = f"Did you mean {close[0]!r}? " if close else ""
+        raise BackendError(f"Unknown selective-scan backend {name!r}. {suggestion}Known backends: "
                            f"{', '.join(_PREFERENCE)} (or 'auto').") from None
 
 
