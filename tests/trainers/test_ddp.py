@@ -98,3 +98,144 @@ def test_every_parameter_gets_a_gradient_in_a_ddp_train_step(trainer_class, tmp_
                               f"find_unused_parameters=False fails on them): {no_gradient}"
     not_finite = [name for name, p in trainable if not torch.isfinite(p.grad).all()]
     assert not_finite == [], f"{trainer_class.__name__}: non-finite gradients: {not_finite}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. nnU-Net's DDP path on two gloo processes (CPU): nnU-Net's initialize and train_step, gradients averaged
+# ------------------------------------------------------------------------------------------------------------
+
+GLOO_TRAINERS = ["nnUNetTrainerUMambaBot", "nnUNetTrainerSegMamba"]  # one U-Mamba, one Taming network
+STEPS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flat_parameters(network) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in network.parameters()])
+
+
+def _cpu_ddp(module, device_ids=None):
+    # nnU-Net passes device_ids=[local_rank] (one GPU per process); a CPU module takes none.
+    return torch.nn.parallel.DistributedDataParallel(module)
+
+
+def _initialize_on_cpu(self, original_initialize):
+    # nnU-Net's __init__ moves a DDP worker to cuda:local_rank and makes a CUDA GradScaler; keep both on the CPU.
+    self.device, self.grad_scaler = torch.device("cpu"), None
+    original_initialize(self)
+
+
+def gloo_worker(rank, world_size, port, workdir, result_path):
+    """One DDP rank: nnU-Net's initialize and two train steps per trainer of GLOO_TRAINERS on its share of the batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    trainers = dict(concrete_trainers())
+    results = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(nnunet_trainer_module, "DDP", _cpu_ddp)
+        base = nnunet_trainer_module.nnUNetTrainer
+        monkeypatch.setattr(base, "initialize", functools.partialmethod(_initialize_on_cpu, base.initialize))
+        for name in GLOO_TRAINERS:
+            trainer = make_trainer(trainers[name], Path(workdir) / name / f"rank{rank}", monkeypatch)
+            assert trainer.is_ddp and isinstance(trainer.network, torch.nn.parallel.DistributedDataParallel)
+            assert min(trainer.loss.weight_factors) > 0  # nnU-Net's DDP loss
+            trainer.network.module.load_state_dict(torch.load(Path(workdir) / f"{name}_initial.pt"))
+            trainer.network.train()
+            start = sum(gathered_int(trainer.batch_size)[:rank])  # this rank's first sample in the global batch
+            losses = []
+            for step in range(STEPS):  # each rank trains on its own samples of the global batch
+                batch = make_batch(trainer, trainer.configuration_manager.batch_size, seed=step)
+                mine = slice(start, start + trainer.batch_size)
+                batch = {"data": batch["data"][mine], "target": [t[mine] for t in batch["target"]]}
+                losses.append(float(trainer.train_step(batch)["loss"]))
+            parameters = flat_parameters(trainer.network)
+            gathered = [torch.empty_like(parameters) for _ in range(world_size)]
+            dist.all_gather(gathered, parameters)
+            split = [None] * world_size
+            dist.all_gather_object(split, (trainer.batch_size, trainer.oversample_foreground_percent, losses))
+            # nnU-Net's single-GPU loss weights the lowest output 0: DDP must then refuse the next step.
+            trainer.is_ddp = False
+            trainer.loss = trainer._build_loss()
+            trainer.is_ddp = True
+            unused_error = ""
+            try:
+                for step in range(2):
+                    trainer.train_step(make_batch(trainer, trainer.batch_size, seed=10 + step))
+            except RuntimeError as error:
+                unused_error = str(error)
+            results[name] = {"parameters": gathered, "split": split, "unused_error": unused_error}
+    if rank == 0:
+        torch.save(results, result_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gathered_int(value: int):
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def test_nnunet_ddp_on_two_gloo_processes_averages_gradients(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    trainers = dict(concrete_trainers())
+    reference = {}
+    for name in GLOO_TRAINERS:  # one process on the concatenated batch, same initial weights, same (DDP) loss
+        torch.manual_seed(0)
+        trainer = make_trainer(trainers[name], tmp_path / name / "single", monkeypatch)
+        torch.save(trainer.network.state_dict(), tmp_path / f"{name}_initial.pt")
+        use_ddp_loss(trainer)
+        trainer.network.train()
+        initial = flat_parameters(trainer.network)
+        for step in range(STEPS):
+            trainer.train_step(make_batch(trainer, trainer.configuration_manager.batch_size, seed=step))
+        reference[name] = (initial, flat_parameters(trainer.network))
+    result_path = tmp_path / "ddp_result.pt"
+    mp.spawn(gloo_worker, args=(2, free_port(), str(tmp_path), str(result_path)), nprocs=2, join=True)
+    results = torch.load(result_path)
+    for name in GLOO_TRAINERS:
+        initial, single = reference[name]
+        rank0, rank1 = results[name]["parameters"]
+        assert not torch.equal(rank0, initial), f"{name}: the DDP steps did not train"
+        torch.testing.assert_close(rank0, rank1, rtol=0, atol=0, msg=f"{name}: ranks diverged")
+        torch.testing.assert_close(rank0, single, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: DDP differs from one process on the whole batch: {m}")
+        (size0, oversample0, losses0), (size1, oversample1, losses1) = results[name]["split"]
+        assert (size0, size1) == (1, 1) and (oversample0, oversample1) == (0.0, 1.0)
+        assert losses0 != losses1, "each rank must have trained on its own samples"
+        assert "finished reduction in the prior iteration" in results[name]["unused_error"], \
+            "DDP must refuse a loss that leaves the lowest deep-supervision head without a gradient"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Batch size and oversampling split over two ranks, as nnU-Net's DDP splits them
+# ------------------------------------------------------------------------------------------------------------
+
+# nnU-Net's rule (2.8.1): the global batch is split as evenly as possible, lower ranks first; the last
+# round(batch * 0.33) samples of the global batch are foreground-oversampled, so rank 1 gets them.
+NNUNET_SPLIT_WORLD_2 = {2: [(1, 0.0), (1, 1.0)], 5: [(3, 0.0), (2, 1.0)], 12: [(6, 0.0), (6, 2 / 3)]}
+
+
+def split_for(trainer_class, global_batch_size, rank, monkeypatch):
+    trainer = object.__new__(trainer_class)  # the method reads only these attributes
+    trainer.is_ddp, trainer.oversample_foreground_percent = True, 0.33
+    trainer.configuration_manager = SimpleNamespace(batch_size=global_batch_size)
+    monkeypatch.setattr(nnunet_trainer_module.dist, "get_world_size", lambda *args: 2)
+    monkeypatch.setattr(nnunet_trainer_module.dist, "get_rank", lambda *args: rank)
+    trainer._set_batch_size_and_oversample()
+    return trainer.batch_size, trainer.oversample_foreground_percent
+
+
+@pytest.mark.parametrize("trainer_class", [cls for _, cls in TRAINERS], ids=[name for name, _ in TRAINERS])
+def test_batch_split_for_two_ranks_is_nnunets(trainer_class, monkeypatch):
+    for global_batch_size, expected in NNUNET_SPLIT_WORLD_2.items():
+        got = [split_for(trainer_class, global_batch_size, rank, monkeypatch) for rank in range(2)]
+        assert [size for size, _ in got] == [size for size, _ in expected]
+        np.testing.assert_allclose([oversample for _, oversample in got], [o for _, o in expected])
+        assert got == [split_for(nnunet_trainer_module.nnUNetTrainer, global_batch_size, rank, monkeypatch)
+                       for rank in range(2)]
