@@ -239,3 +239,24 @@ def test_batch_split_for_two_ranks_is_nnunets(trainer_class, monkeypatch):
         np.testing.assert_allclose([oversample for _, oversample in got], [o for _, o in expected])
         assert got == [split_for(nnunet_trainer_module.nnUNetTrainer, global_batch_size, rank, monkeypatch)
                        for rank in range(2)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. The two-GPU session script
+# ------------------------------------------------------------------------------------------------------------
+
+SESSION_SCRIPT = REPO / "benchmarks" / "ddp_session.sh"
+
+
+def test_ddp_session_script_is_valid_bash_and_its_trainers_load(tmp_path):
+    checked = subprocess.run(["bash", "-n", str(SESSION_SCRIPT)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    script = SESSION_SCRIPT.read_text()
+    assert "export NCCL_NVLS_ENABLE=0" in script and "-num_gpus" in script and "--c" in script
+    # The <Trainer>_ddp module the script writes for nnUNet_extTrainer: one short-schedule variant per trainer.
+    module_text = script.split("ddp_session_trainers.py\" <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    namespace = {"__name__": "ddp_session_trainers"}
+    exec(compile(module_text, "ddp_session_trainers.py", "exec"), namespace)
+    for name, cls in TRAINERS:
+        variant = namespace[f"{name}_ddp"]
+        assert issubclass(variant, cls) and variant.__name__ == f"{name}_ddp"
