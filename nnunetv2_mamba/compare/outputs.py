@@ -10,7 +10,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Dict, List, Sequence
