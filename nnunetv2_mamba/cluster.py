@@ -12,12 +12,12 @@ Every value that comes from the command line is validated and shell-quoted; ``--
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
-import stat
 from pathlib import Path
 from typing import List, Sequence, Tuple
+
+from nnunetv2_mamba.io import atomic_write
 
 CV_FOLDS = ("0", "1", "2", "3", "4")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -188,15 +188,11 @@ def local_script(args: argparse.Namespace) -> dict:
 
 def write_scripts(scripts: dict, output: str) -> List[Path]:
     """Write the scripts (executable) into ``output`` through temporary files; return their paths."""
-    from nnunetv2_mamba.compare.outputs import write_atomic
-
     folder = Path(output)
     (folder / "logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
     written = []
     for name, text in scripts.items():
-        write_atomic(folder / name, text)
-        mode = stat.S_IMODE(os.stat(folder / name).st_mode)
-        os.chmod(folder / name, mode | (mode & 0o444) >> 2)  # executable for whoever may read it
+        atomic_write(folder / name, text, mode=0o777)  # executable for whoever the umask lets read it
         written.append(folder / name)
     return written
 

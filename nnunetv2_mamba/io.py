@@ -1,6 +1,6 @@
 """Writing files and folders so that a failure never leaves anything half-written.
 
-``atomic_write(path, data)``: the data goes to a temporary file in the same folder, is flushed and fsync'ed, then
+``atomic_write(path, data, mode)``: the data goes to a temporary file in the same folder, is flushed and fsync'ed, then
 renamed over ``path`` (``os.replace`` is atomic within one file system). ``staged_directory(path)``: a context
 manager that yields a hidden folder beside ``path``; the caller fills it, and only when the block ends without an
 error is it renamed to ``path``. On an error the temporary file or folder is removed and an existing ``path`` is
@@ -35,17 +35,22 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes]) -> Path:
+def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666) -> Path:
     """Write text or bytes to ``path`` through a temporary file and a rename; return the path.
 
     The file is never seen half-written: readers get the old content until the rename and the new content after.
+    ``mode`` is the permission the file is created with, less the user's umask as for any new file (``0o777``
+    for an executable script); it is in place before the rename, so the file is never seen without it.
     """
     path = Path(path)
+    if not isinstance(data, (str, bytes, bytearray)):
+        raise TypeError(f"atomic_write({path}) takes str or bytes, not {type(data).__name__}")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
     temporary = _hidden_sibling(path, "tmp")
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     try:
-        # Mode "x" creates the file with the user's umask (tempfile.mkstemp would force 0600).
-        with open(temporary, "xb") as handle:
+        # O_EXCL with an explicit mode: the umask applies (tempfile.mkstemp would force 0600).
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+        with open(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())

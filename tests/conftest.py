@@ -1,6 +1,13 @@
-"""Shared pytest configuration: the ``gpu`` marker skips tests when no CUDA device is visible."""
+"""Shared pytest configuration: the ``gpu`` marker skips tests when no CUDA device is visible.
+
+The builders the test modules share (nnU-Net plans, configurations, trainers and batches) are in
+tests/builders.py, imported here so that a broken builder fails the collection of every test at once; test
+modules import them from there by name.
+"""
 import pytest
 import torch
+
+from tests import builders  # noqa: F401  (see the module docstring)
 
 
 def pytest_configure(config):

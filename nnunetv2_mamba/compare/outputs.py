@@ -1,7 +1,7 @@
 """Write a Comparison: per_class.csv, other_metrics.csv, comparison.json, index.html with one PNG per label.
 
-Every file is written to a temporary file in its own folder and moved into place with os.replace, so a
-reader never sees a half-written file (an interrupted run leaves the previous version or none).
+Every file is written with nnunetv2_mamba.io.atomic_write (a temporary file in its own folder, moved into place
+with os.replace), so a reader never sees a half-written file (an interrupted run leaves the previous version or none).
 """
 from __future__ import annotations
 
@@ -10,40 +10,18 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 from nnunetv2_mamba.compare.comparison import Comparison
+from nnunetv2_mamba.io import atomic_write
 
 PER_CLASS_COLUMNS = ("trainer", "label", "name", "mean_dice", "sd_dice", "n_cases", "n_pairs",
                      "mean_diff_vs_baseline", "p_wilcoxon", "p_holm", "partial")
 OTHER_METRIC_COLUMNS = ("trainer", "label", "name", "metric", "mean", "sd", "n_cases", "partial")
 COMPUTE_NOTE = "from benchmarks/benchmark_networks.py, measured on the benchmark's own plan (not this dataset's)"
 COMPUTE_COLUMNS = ("trainer", "network", "params_m", "train_ms", "train_peak_gib", "infer_ms", "note", "partial")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, data) -> None:
-    """Write text or bytes to ``path`` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would give
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def _is_missing(value) -> bool:
@@ -187,7 +165,7 @@ def write_outputs(comparison: Comparison, output_folder) -> List[Path]:
     written = []
 
     def put(name: str, data) -> None:
-        write_atomic(folder / name, data)
+        atomic_write(folder / name, data)
         written.append(folder / name)
 
     put("per_class.csv", to_csv(comparison.per_class, PER_CLASS_COLUMNS))

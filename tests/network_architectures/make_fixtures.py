@@ -36,6 +36,8 @@ from nnunetv2_mamba.trainers.taming import (nnUNetTrainerBiSegMamba, nnUNetTrain
                                             nnUNetTrainerSegMamba, nnUNetTrainerSegMambaSkip)
 from nnunetv2_mamba.trainers.umamba import nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEnc
 from nnunetv2_mamba.trainers.vivim import nnUNetTrainerVivim, nnUNetTrainerVivimV3
+from tests import builders
+from tests.builders import arch_kwargs
 
 FIXTURE_PATH = Path(__file__).resolve().parent / "fixtures" / "networks_before_issue10.pt"
 SEED = 0
@@ -48,22 +50,10 @@ TINY_VIVIM = dict(embed_dims=(8, 8, 8, 8), mit_depths=(1, 1, 1, 1), num_heads=(1
 
 def configuration(patch, features, strides, kernels=None, n_conv=2, n_conv_decoder=1,
                   blocks_key="n_conv_per_stage") -> dict:
-    """Return an nnU-Net 2.8 plans configuration (the part the build path reads) for a tiny network."""
-    dim, n_stages = len(patch), len(features)
-    return {
-        "patch_size": list(patch), "median_image_size_in_voxels": [2 * p for p in patch], "spacing": [1.0] * dim,
-        "architecture": {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {
-                "n_stages": n_stages, "features_per_stage": list(features),
-                "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-                "kernel_sizes": kernels or [[3] * dim] * n_stages, "strides": strides,
-                blocks_key: [n_conv] * n_stages, "n_conv_per_stage_decoder": [n_conv_decoder] * (n_stages - 1),
-                "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-    }
+    """Return an nnU-Net 2.8 plans configuration for a tiny network."""
+    arch = arch_kwargs(features, strides, kernels=kernels, blocks=n_conv, decoder_blocks=n_conv_decoder,
+                       blocks_key=blocks_key)
+    return builders.configuration(patch, arch)
 
 
 UMAMBA_3D = configuration((4, 16, 16), [4, 4, 8, 8], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],

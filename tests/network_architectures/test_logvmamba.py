@@ -26,39 +26,23 @@ from nnunetv2_mamba.network_architectures.logvmamba_mixers import (
     LocalGlobalTokenMixer, LocalTokenMixer, GlobalTokenMixer, LoGMambaLayer, NeighbourUnfold, VanillaScanMixer,
     VSSBlock)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
-
-NORM = {2: "torch.nn.modules.instancenorm.InstanceNorm2d", 3: "torch.nn.modules.instancenorm.InstanceNorm3d"}
-CONV = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
-
-
-def arch_kwargs(dim, features, strides, kernels=None, blocks=None, decoder_blocks=None,
-                blocks_key="n_conv_per_stage"):
-    """Return nnU-Net-style arch_kwargs (as stored in plans.json)."""
-    n = len(features)
-    return {"n_stages": n, "features_per_stage": list(features), "conv_op": CONV[dim],
-            "kernel_sizes": kernels or [[3] * dim] * n, "strides": strides,
-            blocks_key: blocks or [1] * n, "n_conv_per_stage_decoder": decoder_blocks or [1] * (n - 1),
-            "conv_bias": True, "norm_op": NORM[dim], "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True}}
-
+from tests.builders import arch_kwargs
 
 # Tiny plans with few tokens that still exercise every role (3D LoG needs a map > 8, 2D a map > 32).
 PLANS = {
     # 4 stages, isotropic: LoG maps 8^3 (L), 4^3 (G), 2^3 (G).
-    "3d_4stages": (arch_kwargs(3, [16, 16, 32, 32], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]), (16, 16, 16)),
+    "3d_4stages": (arch_kwargs([16, 16, 32, 32], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]), (16, 16, 16)),
     # 5 stages, anisotropic kernels/strides: (2,4,32) L, (2,4,16) LoG, (2,2,8) G, (1,1,4) G.
-    "3d_aniso_5stages": (arch_kwargs(3, [16, 16, 16, 32, 32],
-                                     [[1, 1, 1], [1, 1, 2], [1, 1, 2], [1, 2, 2], [2, 2, 2]],
+    "3d_aniso_5stages": (arch_kwargs([16, 16, 16, 32, 32], [[1, 1, 1], [1, 1, 2], [1, 1, 2], [1, 2, 2], [2, 2, 2]],
                                      kernels=[[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
                                      blocks=[2, 2, 1, 1, 1], decoder_blocks=[1, 2, 1, 1]), (2, 4, 64)),
     # 6 stages, ResEnc-style block key: (2,8,64) L, (2,4,32) LoG, (2,2,16) LoG, (1,1,8) G, (1,1,4) G.
-    "3d_resenc_6stages": (arch_kwargs(3, [16] * 6, [[1, 1, 1], [1, 1, 2], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 1, 2]],
+    "3d_resenc_6stages": (arch_kwargs([16] * 6, [[1, 1, 1], [1, 1, 2], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 1, 2]],
                                       blocks=[1, 2, 1, 1, 1, 1], blocks_key="n_blocks_per_stage"), (2, 8, 128)),
     # 2D, 4 stages: (4,128) L, (2,64) LoG, (1,32) G.
-    "2d_4stages": (arch_kwargs(2, [8, 8, 16, 16], [[1, 1], [1, 2], [2, 2], [2, 2]]), (4, 256)),
+    "2d_4stages": (arch_kwargs([8, 8, 16, 16], [[1, 1], [1, 2], [2, 2], [2, 2]]), (4, 256)),
     # 2D, 7 stages: (8,256) L, (4,128) LoG, (2,64) LoG, (2,32) G, (2,16) G, (2,8) G.
-    "2d_7stages": (arch_kwargs(2, [8, 8, 8, 16, 16, 16, 16],
+    "2d_7stages": (arch_kwargs([8, 8, 8, 16, 16, 16, 16],
                                [[1, 1], [1, 2], [2, 2], [2, 2], [1, 2], [1, 2], [1, 2]]), (8, 512)),
 }
 
@@ -70,7 +54,7 @@ def make_plan(name, input_channels=2, num_classes=3):
 
 def benchmark_arch(dim=3):
     """The §5 worked-example plan: F=[32,64,128,256,320,320], K=3, S=[1,2,2,2,2,2], 2 convs per stage."""
-    return arch_kwargs(3, [32, 64, 128, 256, 320, 320], [[1, 1, 1]] + [[2, 2, 2]] * 5, blocks=[2] * 6,
+    return arch_kwargs([32, 64, 128, 256, 320, 320], [[1, 1, 1]] + [[2, 2, 2]] * 5, blocks=[2] * 6,
                        decoder_blocks=[2] * 5)
 
 
@@ -186,7 +170,7 @@ def test_worked_example_128_table():
 
 
 def test_worked_example_anisotropic_table():
-    plan = NetworkPlan.from_arch_kwargs(arch_kwargs(3, [32, 64, 128, 256, 320, 320], ANISO_STRIDES),
+    plan = NetworkPlan.from_arch_kwargs(arch_kwargs([32, 64, 128, 256, 320, 320], ANISO_STRIDES),
                                         (14, 256, 224), 4, 3)
     topology = logvmamba_topology(plan.patch_size, plan.features_per_stage, plan.kernel_sizes, plan.strides,
                                   plan.n_blocks_per_stage, plan.n_conv_per_stage_decoder)
@@ -532,17 +516,17 @@ def test_building_leaves_the_plan_unchanged():
 
 def test_clear_errors():
     with pytest.raises(PlanError, match="at least 3 stages"):
-        build_logvmamba(NetworkPlan.from_arch_kwargs(arch_kwargs(3, [16, 16], [[1, 1, 1], [2, 2, 2]]),
+        build_logvmamba(NetworkPlan.from_arch_kwargs(arch_kwargs([16, 16], [[1, 1, 1], [2, 2, 2]]),
                                                      (8, 8, 8), 1, 2))
     with pytest.raises(PlanError, match="multiples of 16"):
         build_logvmamba(NetworkPlan.from_arch_kwargs(
-            arch_kwargs(3, [24, 24, 24], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), (8, 8, 8), 1, 2))
+            arch_kwargs([24, 24, 24], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), (8, 8, 8), 1, 2))
     # The G variant has no LTX, so the same plan builds.
     build_logvmamba(NetworkPlan.from_arch_kwargs(
-        arch_kwargs(3, [24, 24, 24], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), (8, 8, 8), 1, 2), variant="G")
+        arch_kwargs([24, 24, 24], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), (8, 8, 8), 1, 2), variant="G")
     with pytest.raises(PlanError, match=r"strides\[0\]"):
         build_logvmamba(NetworkPlan.from_arch_kwargs(
-            arch_kwargs(3, [16, 16, 16], [[2, 2, 2], [2, 2, 2], [1, 1, 1]]), (8, 8, 8), 1, 2))
+            arch_kwargs([16, 16, 16], [[2, 2, 2], [2, 2, 2], [1, 1, 1]]), (8, 8, 8), 1, 2))
     with pytest.raises(ValueError, match="variant"):
         build_logvmamba(make_plan("3d_4stages"), variant="X")
     network = build_logvmamba(make_plan("3d_4stages"))

@@ -16,30 +16,16 @@ from nnunetv2_mamba.network_architectures.taming import (
     BiSegMamba, MambaLayer, MambaTrans, MultiMambaTrans, MultiSegMamba, SegMamba, TAMING_NETWORKS,
     build_taming_network)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
-
-NORM = {2: "torch.nn.modules.instancenorm.InstanceNorm2d", 3: "torch.nn.modules.instancenorm.InstanceNorm3d"}
-CONV = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
-
-
-def arch_kwargs(dim, features, strides, kernels=None, blocks=None, decoder_blocks=None, blocks_key="n_conv_per_stage"):
-    """Return nnU-Net-style arch_kwargs (as stored in plans.json) for a tiny network."""
-    n = len(features)
-    return {"n_stages": n, "features_per_stage": list(features), "conv_op": CONV[dim],
-            "kernel_sizes": kernels or [[3] * dim] * n, "strides": strides,
-            blocks_key: blocks or [1] * n, "n_conv_per_stage_decoder": decoder_blocks or [1] * (n - 1),
-            "conv_bias": True, "norm_op": NORM[dim], "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True}}
-
+from tests.builders import arch_kwargs, configuration_manager
 
 PLANS = {
-    "2d_3stages": (arch_kwargs(2, [4, 8, 8], [[1, 1], [2, 2], [2, 2]]), (16, 12)),
-    "2d_6stages": (arch_kwargs(2, [2, 4, 4, 8, 8, 8], [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 1]],
+    "2d_3stages": (arch_kwargs([4, 8, 8], [[1, 1], [2, 2], [2, 2]]), (16, 12)),
+    "2d_6stages": (arch_kwargs([2, 4, 4, 8, 8, 8], [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 1]],
                                blocks=[1, 2, 1, 1, 1, 1], decoder_blocks=[1, 1, 2, 1, 1]), (64, 32)),
-    "3d_3stages": (arch_kwargs(3, [4, 8, 8], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), (8, 8, 8)),
-    "3d_aniso_4stages": (arch_kwargs(3, [4, 6, 8, 8], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "3d_3stages": (arch_kwargs([4, 8, 8], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), (8, 8, 8)),
+    "3d_aniso_4stages": (arch_kwargs([4, 6, 8, 8], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]],
                                      kernels=[[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]), (4, 16, 24)),
-    "3d_resenc_5stages": (arch_kwargs(3, [2, 4, 4, 4, 4], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 1]],
+    "3d_resenc_5stages": (arch_kwargs([2, 4, 4, 4, 4], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 1]],
                                       blocks=[1, 2, 1, 1, 1], blocks_key="n_blocks_per_stage"), (8, 16, 16)),
 }
 NETWORK_NAMES = ["SegMamba", "BiSegMamba", "MultiSegMamba", "SegMambaSkip"]
@@ -133,7 +119,7 @@ def test_module_names_follow_the_reference():
 
 def test_mamba_sizes_follow_the_spec():
     # d_state = min(C, 256) (Seg/Bi/Skip) or min(C, 64) (Multi); d_inner = 2C; dt_rank = ceil(C / 16).
-    plan = NetworkPlan.from_arch_kwargs(arch_kwargs(3, [8, 80], [[1, 1, 1], [2, 2, 2]]), (4, 4, 4), 1, 2)
+    plan = NetworkPlan.from_arch_kwargs(arch_kwargs([8, 80], [[1, 1, 1], [2, 2, 2]]), (4, 4, 4), 1, 2)
     segmamba = build_taming_network("SegMamba", plan, True)
     multi = build_taming_network("MultiSegMamba", plan, True)
     for stage, channels in enumerate((8, 80)):
@@ -292,20 +278,11 @@ def test_multisegmamba_mixer_follows_autocast_unless_fp32_flag(mixer_fp32):
 
 
 # --- plans: immutability and errors ------------------------------------------------------------------------
-class _ConfigurationManager:
-    """Duck-typed stand-in for nnU-Net's ConfigurationManager (what NetworkPlan.from_nnunet reads)."""
-
-    def __init__(self, arch, patch):
-        self.network_arch_init_kwargs = arch
-        self.network_arch_init_kwargs_req_import = ("conv_op", "norm_op", "dropout_op", "nonlin")
-        self.patch_size = list(patch)
-
-
 @pytest.mark.parametrize("network_name", NETWORK_NAMES)
 def test_building_leaves_the_plan_unchanged(network_name):
     arch, patch = PLANS["3d_aniso_4stages"]
     arch = copy.deepcopy(arch)
-    configuration = _ConfigurationManager(arch, patch)
+    configuration = configuration_manager(arch, patch)
     before = copy.deepcopy(arch)
     plan = NetworkPlan.from_nnunet(None, configuration, 2, 3)
     plan_before = copy.deepcopy(plan)
@@ -341,8 +318,8 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="Only 1d 2d and 3d conv are supported"):
         SegMamba(1, 2, [4, 4], nn.Linear, [[3], [3]], [[1], [2]], [1, 1], 2, [1])
     with pytest.raises(PlanError, match=r"strides\[1\]=\[2, 2\] has 2 axes; the patch has 3"):
-        NetworkPlan.from_arch_kwargs(arch_kwargs(3, [4, 4], [[1, 1, 1], [2, 2]]), (4, 4, 4), 1, 2)
-    one_stage = NetworkPlan.from_arch_kwargs(arch_kwargs(3, [4], [[1, 1, 1]], decoder_blocks=[]), (4, 4, 4), 1, 2)
+        NetworkPlan.from_arch_kwargs(arch_kwargs([4, 4], [[1, 1, 1], [2, 2]]), (4, 4, 4), 1, 2)
+    one_stage = NetworkPlan.from_arch_kwargs(arch_kwargs([4], [[1, 1, 1]], decoder_blocks=[]), (4, 4, 4), 1, 2)
     with pytest.raises(PlanError, match=r"cannot build BiSegMamba: .*n_stages >= 2.*got 1"):
         build_taming_network("BiSegMamba", one_stage, True)
     with pytest.raises(ValueError, match="Unknown Taming network 'SegMambaX'"):

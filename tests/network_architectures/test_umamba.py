@@ -12,39 +12,33 @@ from nnunetv2_mamba.network_architectures.umamba import (UMambaBot, UMambaEnc, U
                                                          build_umamba_bot, build_umamba_enc, stage_feature_map_sizes,
                                                          umamba_block_counts)
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
+from tests.builders import arch_kwargs
 
 BUILDERS = {"enc": build_umamba_enc, "bot": build_umamba_bot}
-
-
-def arch_kwargs(n_stages, features, kernels, strides, dim, n_conv=2, n_conv_decoder=2):
-    """Return nnU-Net 2.8 style arch_kwargs (as in plans.json) for a U-Net plan."""
-    return {
-        "n_stages": n_stages, "features_per_stage": list(features),
-        "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": copy.deepcopy(kernels),
-        "strides": copy.deepcopy(strides), "n_conv_per_stage": [n_conv] * n_stages,
-        "n_conv_per_stage_decoder": [n_conv_decoder] * (n_stages - 1), "conv_bias": True,
-        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-        "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
-    }
 
 
 def worked_example_plan(dim=3):
     """Return the §5 plan (3D 128^3, 6 stages; or its 2D analogue) - built only, never run on the CPU."""
     n = 6
-    kwargs = arch_kwargs(n, [32, 64, 128, 256, 320, 320], [[3] * dim] * n, [[1] * dim] + [[2] * dim] * (n - 1), dim)
+    kwargs = arch_kwargs([32, 64, 128, 256, 320, 320], [[1] * dim] + [[2] * dim] * (n - 1), kernels=[[3] * dim] * n,
+                         blocks=2, decoder_blocks=2)
     return NetworkPlan.from_arch_kwargs(kwargs, (128,) * dim, 4, 3)
 
 
 # Tiny plans for running networks on 2 CPU cores: (name, arch_kwargs, patch size).
 TINY_PLANS = [
-    ("3d_aniso_4", arch_kwargs(4, [4, 8, 12, 16], [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-                               [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], 3), (8, 16, 16)),
-    ("3d_iso_3", arch_kwargs(3, [4, 8, 8], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], 3), (8, 8, 8)),
-    ("3d_aniso_5", arch_kwargs(5, [4, 6, 8, 8, 8], [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-                               [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2]], 3), (4, 32, 32)),
-    ("2d_4", arch_kwargs(4, [4, 8, 8, 16], [[3, 3]] * 4, [[1, 1], [2, 2], [2, 2], [2, 2]], 2), (16, 24)),
-    ("2d_5", arch_kwargs(5, [4, 4, 8, 8, 8], [[3, 3]] * 5, [[1, 1], [2, 1], [2, 2], [2, 2], [1, 2]], 2), (32, 16)),
+    ("3d_aniso_4", arch_kwargs([4, 8, 12, 16], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+                               kernels=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], blocks=2, decoder_blocks=2), (8,
+                               16, 16)),
+    ("3d_iso_3", arch_kwargs([4, 8, 8], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], kernels=[[3, 3, 3]] * 3, blocks=2,
+                             decoder_blocks=2), (8, 8, 8)),
+    ("3d_aniso_5", arch_kwargs([4, 6, 8, 8, 8], [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2]],
+                               kernels=[[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], blocks=2,
+                               decoder_blocks=2), (4, 32, 32)),
+    ("2d_4", arch_kwargs([4, 8, 8, 16], [[1, 1], [2, 2], [2, 2], [2, 2]], kernels=[[3, 3]] * 4, blocks=2,
+                         decoder_blocks=2), (16, 24)),
+    ("2d_5", arch_kwargs([4, 4, 8, 8, 8], [[1, 1], [2, 1], [2, 2], [2, 2], [1, 2]], kernels=[[3, 3]] * 5, blocks=2,
+                         decoder_blocks=2), (32, 16)),
 ]
 
 
@@ -119,7 +113,7 @@ def test_worked_example_bot_has_one_patch_token_bottleneck_mixer():
 
 @pytest.mark.parametrize("n,mixer_stages", [(7, [0, 2, 4, 6]), (8, [1, 3, 5, 7]), (6, [1, 3, 5]), (5, [0, 2, 4])])
 def test_2d_enc_alternates_mixers_ending_at_the_last_stage(n, mixer_stages):
-    kwargs = arch_kwargs(n, [4] * n, [[3, 3]] * n, [[1, 1]] + [[2, 2]] * (n - 1), 2)
+    kwargs = arch_kwargs([4] * n, [[1, 1]] + [[2, 2]] * (n - 1), kernels=[[3, 3]] * n, blocks=2, decoder_blocks=2)
     plan = NetworkPlan.from_arch_kwargs(kwargs, (2 ** (n - 1), 2 ** (n - 1)), 1, 2)
     network = build_umamba_enc(plan, deep_supervision=False)
     got = [s for s, layer in enumerate(network.encoder.mamba_layers) if isinstance(layer, UMambaLayer)]
@@ -147,8 +141,9 @@ def test_channel_token_rule_uses_patch_and_cumulative_strides():
     assert isinstance(mixers[4], UMambaLayer) and mixers[4].channel_token and mixers[4].dim == 8
     assert isinstance(mixers[2], UMambaLayer) and not mixers[2].channel_token and mixers[2].dim == 8
     # The ACDC-like anisotropic plan of §5 has no channel-token stage (bottleneck 7*8*7 = 392 > 320).
-    kwargs = arch_kwargs(6, [32, 64, 128, 256, 320, 320], [[1, 3, 3]] + [[3, 3, 3]] * 5,
-                         [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]], 3)
+    kwargs = arch_kwargs([32, 64, 128, 256, 320, 320],
+                         [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]],
+                         kernels=[[1, 3, 3]] + [[3, 3, 3]] * 5, blocks=2, decoder_blocks=2)
     acdc = build_umamba_enc(NetworkPlan.from_arch_kwargs(kwargs, (14, 256, 224), 1, 4), True)
     assert not any(layer.channel_token for layer in acdc.encoder.mamba_layers)
 
@@ -354,7 +349,8 @@ def test_mixer_runs_in_fp32_with_autocast_disabled(channel_token, dtype):
 
 @pytest.mark.parametrize("network_class", [UMambaEnc, UMambaBot])
 def test_constructor_leaves_argument_lists_unchanged(network_class):
-    kwargs = arch_kwargs(4, [4, 8, 8, 8], [[3, 3, 3]] * 4, [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], 3)
+    kwargs = arch_kwargs([4, 8, 8, 8], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernels=[[3, 3, 3]] * 4, blocks=2,
+                         decoder_blocks=2)
     arguments = dict(input_channels=1, n_stages=4, features_per_stage=kwargs["features_per_stage"],
                      conv_op=nn.Conv3d, kernel_sizes=kwargs["kernel_sizes"], strides=kwargs["strides"],
                      n_blocks_per_stage=kwargs["n_conv_per_stage"], num_classes=2,
@@ -394,7 +390,8 @@ def test_direct_construction_is_initialised_as_it_trains(network_class, builder)
 
 
 def test_bad_inputs_raise_clear_errors():
-    kwargs = arch_kwargs(3, [4, 8, 8], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], 3)
+    kwargs = arch_kwargs([4, 8, 8], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], kernels=[[3, 3, 3]] * 3, blocks=2,
+                         decoder_blocks=2)
     with pytest.raises(PlanError, match=r"\[8, 8, 6\] is not divisible .*\[4, 4, 4\]"):
         build_umamba_enc(NetworkPlan.from_arch_kwargs(kwargs, (8, 8, 6), 1, 2), True)
     # Direct construction: arguments are expected in NetworkPlan's normal form and checked with asserts.
@@ -406,7 +403,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(AssertionError, match=r"kernel_sizes needs one entry per stage \(3\)"):
         UMambaBot(1, 3, [4, 8, 8], nn.Conv3d, [[3, 3, 3]] * 2, kwargs["strides"], [1] * 3, 2, [1] * 2,
                   input_size=(8, 8, 8))
-    single = arch_kwargs(1, [4], [[3, 3]], [[1, 1]], 2)
+    single = arch_kwargs([4], [[1, 1]], kernels=[[3, 3]], blocks=2, decoder_blocks=2)
     with pytest.raises(PlanError, match="n_stages=1"):
         build_umamba_bot(NetworkPlan.from_arch_kwargs(single, (8, 8), 1, 2), True)
 

@@ -44,6 +44,32 @@ def test_atomic_write_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch
     assert hidden_leftovers(tmp_path) == []
 
 
+def test_atomic_write_refuses_other_data_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "per_class.csv"
+    staged_io.atomic_write(target, "old\n")
+    with pytest.raises(TypeError, match=r"per_class.csv\) takes str or bytes, not int"):
+        staged_io.atomic_write(target, 12345)  # bytes(12345) would be 12345 zero bytes
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["per_class.csv"]
+
+
+def test_atomic_write_mode_is_set_before_the_file_appears(tmp_path, monkeypatch):
+    target = tmp_path / "train.sh"
+    umask = os.umask(0)
+    os.umask(umask)
+    seen = []
+    real_replace = os.replace
+
+    def replace(source, destination):
+        seen.append(stat.S_IMODE(os.stat(source).st_mode))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(staged_io.os, "replace", replace)
+    staged_io.atomic_write(target, "#!/bin/bash\n", mode=0o777)
+    assert seen == [0o777 & ~umask] and stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    staged_io.atomic_write(target, "#!/bin/bash\necho\n")  # a rewrite gets the default mode again
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
 def test_staged_directory_publishes_only_on_success(tmp_path):
     target = tmp_path / "out" / "Dataset001_X"
     with staged_io.staged_directory(target) as staging:

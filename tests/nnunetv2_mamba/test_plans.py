@@ -5,19 +5,13 @@ import pytest
 import torch
 
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
+from tests.builders import arch_kwargs
 
 
 def arch_kwargs_3d():
-    return {
-        "n_stages": 4, "features_per_stage": [32, 64, 128, 256],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-        "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
-        "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
+    """A 4-stage anisotropic 3D U-Net plan, as nnU-Net 2.8's planner stores it (2 convs per stage)."""
+    return arch_kwargs([32, 64, 128, 256], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+                       kernels=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], blocks=2, decoder_blocks=2)
 
 
 def test_reads_plan_resolves_ops_and_sizes():

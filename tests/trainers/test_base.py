@@ -8,7 +8,8 @@ import torch
 from nnunetv2_mamba.network_architectures.vivim import STMambaV3, Vivim
 from nnunetv2_mamba.trainers.base import describe_scan_backends, precision_policy
 from nnunetv2_mamba.trainers.umamba import nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBotNoAMP
-from tests.trainers.test_umamba import make_trainer
+from tests.builders import make_trainer
+from tests.trainers.test_umamba import DATASET_JSON, make_plans
 
 
 def log_text(trainer):
@@ -19,7 +20,7 @@ def log_text(trainer):
                                                      (nnUNetTrainerUMambaBotNoAMP, "NoAMP fp32")])
 def test_log_and_debug_json_name_the_network_that_trains(trainer_class, precision, tmp_path, monkeypatch):
     monkeypatch.delenv("NNUNETV2_MAMBA_BACKEND", raising=False)
-    trainer = make_trainer(trainer_class, "3d_fullres", tmp_path, monkeypatch)
+    trainer = make_trainer(trainer_class, make_plans(), "3d_fullres", DATASET_JSON, tmp_path, monkeypatch)
     trainer.print_plans()  # what on_train_start calls, after the network is built
     trainer._save_debug_information()
     n_parameters = sum(p.numel() for p in trainer.network.parameters())
@@ -42,7 +43,7 @@ def test_log_and_debug_json_name_the_network_that_trains(trainer_class, precisio
 
 
 def test_a_forced_backend_that_cannot_run_is_reported(tmp_path, monkeypatch):
-    trainer = make_trainer(nnUNetTrainerUMambaBot, "3d_fullres", tmp_path, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerUMambaBot, make_plans(), "3d_fullres", DATASET_JSON, tmp_path, monkeypatch)
     monkeypatch.setenv("NNUNETV2_MAMBA_BACKEND", "mamba_ssm")
     text = describe_scan_backends(trainer.network, torch.device("cpu"), torch.float32)
     assert "selective scan(s) cannot run" in text and "'mamba_ssm' was requested" in text

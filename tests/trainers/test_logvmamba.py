@@ -1,6 +1,5 @@
 """LoG-VMamba trainers: network building through nnU-Net's entry point, discovery, and the paper recipe."""
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,16 +11,17 @@ from nnunetv2_mamba.trainers.base import NoAMPMixin
 from nnunetv2_mamba.schedulers import StepDecayEpochLR
 from nnunetv2_mamba.trainers.logvmamba import (nnUNetTrainerGVMamba, nnUNetTrainerLoGVMamba,
                                                nnUNetTrainerLoGVMambaPaperRecipe, nnUNetTrainerLVMamba)
+from tests import builders
+from tests.builders import make_batch, make_trainer
 from tests.network_architectures.test_logvmamba import PLANS
 
 TRAINERS = [nnUNetTrainerLoGVMamba, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMambaPaperRecipe]
 
 
 def configuration_manager(plan_name):
-    """Return a duck-typed nnU-Net ConfigurationManager for one of the test plans (as plans.json stores it)."""
+    """Return nnU-Net's ConfigurationManager for one of the test plans (a copy, as plans.json stores it)."""
     arch, patch = PLANS[plan_name]
-    return SimpleNamespace(network_arch_init_kwargs=copy.deepcopy(arch), patch_size=list(patch),
-                           network_arch_init_kwargs_req_import=("conv_op", "norm_op", "dropout_op", "nonlin"))
+    return builders.configuration_manager(copy.deepcopy(arch), patch)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS, ids=lambda cls: cls.__name__)
@@ -123,67 +123,21 @@ DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 
                 "file_ending": ".nii.gz"}
 
 
-def make_plans(plan="3d_4stages", configuration="3d_fullres"):
+def make_plans(plan="3d_4stages", configuration_name="3d_fullres"):
     """Return a plans dict (as nnU-Net 2.8 writes plans.json) whose configuration holds a test plan.
 
     ``plan`` is a name of tests.network_architectures.test_logvmamba.PLANS or an (arch_kwargs, patch_size) pair.
     """
     arch, patch = PLANS[plan] if isinstance(plan, str) else plan
-    dim = len(patch)
-    return {
-        "dataset_name": DATASET_NAME, "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "original_median_shape_after_transp": [32, 32, 32],
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-        "configurations": {configuration: {
-            "data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": 2, "patch_size": list(patch), "median_image_size_in_voxels": [2 * p for p in patch],
-            "spacing": [1.0] * dim, "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-            "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                             "arch_kwargs": copy.deepcopy(arch),
-                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-            "batch_dice": False}},
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
-                  "percentile_99_5": 1.0, "std": 1.0}},
-    }
-
-
-def make_trainer(trainer_class, tmp_path, monkeypatch, plan="3d_4stages", configuration="3d_fullres",
-                 device="cpu"):
-    """Return an initialised nnU-Net trainer for the in-memory plans (nnU-Net folders under tmp_path)."""
-    for variable in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
-        monkeypatch.setenv(variable, str(tmp_path / variable))
-    # initialize() only looks at the preprocessed folder's file endings to pick the dataset class.
-    data_folder = tmp_path / "nnUNet_preprocessed" / DATASET_NAME / f"nnUNetPlans_{configuration}"
-    data_folder.mkdir(parents=True, exist_ok=True)
-    (data_folder / "case_000.b2nd").touch()
-    plans = make_plans(plan, configuration)
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training adds this key before constructing
-    trainer = trainer_class(plans, configuration, 0, copy.deepcopy(DATASET_JSON), torch.device(device))
-    trainer.initialize()
-    return trainer
-
-
-def make_batch(trainer, batch_size=2, seed=0):
-    """Return a training batch as nnU-Net's data loader makes it without deep supervision."""
-    generator = torch.Generator().manual_seed(seed)
-    patch = trainer.configuration_manager.patch_size
-    data = torch.randn(batch_size, trainer.num_input_channels, *patch, generator=generator)
-    target = torch.randint(0, 3, (batch_size, 1, *patch), generator=generator).float()
-    return {"data": data, "target": target}
+    return builders.make_plans(DATASET_NAME, {
+        configuration_name: builders.configuration(patch, copy.deepcopy(arch), configuration_name)})
 
 
 @pytest.mark.parametrize("trainer_class", [nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMambaPaperRecipe],
                          ids=lambda cls: cls.__name__)
 def test_real_trainer_steps_without_deep_supervision(trainer_class, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    trainer = make_trainer(trainer_class, tmp_path, monkeypatch)
+    trainer = make_trainer(trainer_class, make_plans(), "3d_fullres", DATASET_JSON, tmp_path, monkeypatch)
     assert trainer.enable_deep_supervision is False
     assert isinstance(trainer.network, LoGVMamba) and trainer.network.decoder.deep_supervision is False
     assert type(trainer.loss).__name__ != "DeepSupervisionWrapper"

@@ -12,7 +12,8 @@ from nnunetv2_mamba.trainers.logvmamba import (nnUNetTrainerGVMamba, nnUNetTrain
                                                nnUNetTrainerLoGVMambaPaperRecipe, nnUNetTrainerLVMamba)
 from tests.amp_training import check_real_training_steps
 from tests.network_architectures.test_logvmamba import arch_kwargs, benchmark_arch
-from tests.trainers.test_logvmamba import make_batch, make_trainer
+from tests.builders import make_batch, make_trainer
+from tests.trainers.test_logvmamba import DATASET_JSON, make_plans
 
 pytestmark = pytest.mark.gpu
 
@@ -21,10 +22,10 @@ requires_mamba_ssm = pytest.mark.skipif(not get_backend("mamba_ssm").available()
 
 # A GPU-sized plan with every role: pool 2 -> 32^3 L, 16^3 LoG (t=2), 8^3 G (q 2), 4^3 G (q 8).
 GPU_PLANS = {
-    "3d_gpu_5stages": (arch_kwargs(3, [32, 64, 128, 256, 320], [[1, 1, 1]] + [[2, 2, 2]] * 4, blocks=[2] * 5,
+    "3d_gpu_5stages": (arch_kwargs([32, 64, 128, 256, 320], [[1, 1, 1]] + [[2, 2, 2]] * 4, blocks=[2] * 5,
                                    decoder_blocks=[2] * 4), (64, 64, 64)),
     # 2D: 128^2 L, 64^2 LoG (t=2), 32^2 / 16^2 / 8^2 G.
-    "2d_gpu_6stages": (arch_kwargs(2, [32, 64, 128, 256, 512, 512], [[1, 1]] + [[2, 2]] * 5, blocks=[2] * 6,
+    "2d_gpu_6stages": (arch_kwargs([32, 64, 128, 256, 512, 512], [[1, 1]] + [[2, 2]] * 5, blocks=[2] * 6,
                                    decoder_blocks=[2] * 5), (256, 256)),
 }
 
@@ -36,7 +37,8 @@ GPU_PLANS = {
 def test_training_steps_with_mamba_ssm_backend(trainer_class, plan_name, configuration, tmp_path, monkeypatch):
     monkeypatch.setenv("NNUNETV2_MAMBA_BACKEND", "mamba_ssm")  # forced: fails instead of falling back
     torch.manual_seed(0)
-    trainer = make_trainer(trainer_class, tmp_path, monkeypatch, GPU_PLANS[plan_name], configuration, device="cuda")
+    trainer = make_trainer(trainer_class, make_plans(GPU_PLANS[plan_name], configuration), configuration, DATASET_JSON,
+                           tmp_path, monkeypatch, device="cuda")
     uses_amp = trainer_class is not nnUNetTrainerLoGVMambaPaperRecipe
     assert (trainer.grad_scaler is not None) == uses_amp
     # Early GradScaler skips are allowed (see tests/amp_training.py); steps must then be applied.

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tests.trainers.test_umamba as umamba_tests
+from tests.builders import make_batch, make_trainer
 from nnunetv2_mamba.trainers.discovery import concrete_trainers
 
 REGION_DATASET_JSON = {**umamba_tests.DATASET_JSON, "labels": {"background": 0, "object": [1, 2], "right": [2]},
@@ -17,7 +18,7 @@ TRAINERS = ["nnUNetTrainerUMambaBot", "nnUNetTrainerSegMambaSkipNNUNetRecipe", "
 
 def region_batch(trainer, seed):
     """A batch as nnU-Net's loader makes it for regions: one binary channel per region at every DS scale."""
-    batch = umamba_tests.make_batch(trainer, seed=seed)
+    batch = make_batch(trainer, seed=seed)
     regions = trainer.label_manager.foreground_regions
 
     def to_regions(labels):
@@ -33,9 +34,9 @@ def region_batch(trainer, seed):
 def test_region_training_and_validation_step(trainer_name, tmp_path, monkeypatch):
     from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 
-    monkeypatch.setattr(umamba_tests, "DATASET_JSON", REGION_DATASET_JSON)
     torch.manual_seed(0)
-    trainer = umamba_tests.make_trainer(dict(concrete_trainers())[trainer_name], "3d_fullres", tmp_path, monkeypatch)
+    trainer = make_trainer(dict(concrete_trainers())[trainer_name], umamba_tests.make_plans(), "3d_fullres",
+                           REGION_DATASET_JSON, tmp_path, monkeypatch)
     assert trainer.label_manager.has_regions and trainer.label_manager.num_segmentation_heads == 2
     loss = getattr(trainer.loss, "loss", trainer.loss)  # inside nnU-Net's DeepSupervisionWrapper when DS is on
     assert isinstance(loss, DC_and_BCE_loss)

@@ -8,7 +8,8 @@ from nnunetv2_mamba.plans import NetworkPlan
 from nnunetv2_mamba.ssm import get_backend
 from nnunetv2_mamba.trainers import taming
 from tests.amp_training import check_real_training_steps
-from tests.trainers.test_taming import make_batch, make_plans, make_trainer
+from tests.builders import make_batch, make_trainer
+from tests.trainers.test_taming import DATASET_JSON, make_plans
 
 pytestmark = pytest.mark.gpu
 
@@ -25,8 +26,8 @@ def test_fp16_amp_training_steps_with_mamba_ssm_backend(trainer_name, configurat
     monkeypatch.setenv("NNUNETV2_MAMBA_BACKEND", "mamba_ssm")  # forced: fails instead of falling back
     torch.manual_seed(0)
     plans = make_plans(patch_3d=(32, 64, 64), features_3d=(16, 32, 64, 128))
-    trainer = make_trainer(getattr(taming, trainer_name), configuration, tmp_path, monkeypatch, device="cuda",
-                           plans=plans)
+    trainer = make_trainer(getattr(taming, trainer_name), plans, configuration, DATASET_JSON, tmp_path, monkeypatch,
+                           device="cuda")
     assert trainer.grad_scaler is not None, "the reference recipe trains with fp16 AMP"
     # Early GradScaler skips are allowed (see tests/amp_training.py); steps must then be applied.
     check_real_training_steps(trainer, make_batch, ".mamba.")

@@ -16,6 +16,8 @@ from nnunetv2_mamba.trainers.base import NoAMPMixin
 from nnunetv2_mamba.trainers.discovery import concrete_trainers
 from nnunetv2_mamba.trainers.umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBotNoAMP,
                                             nnUNetTrainerUMambaEnc, nnUNetTrainerUMambaEncNoAMP)
+from tests import builders
+from tests.builders import arch_kwargs, make_batch, make_trainer
 
 TRAINERS = [nnUNetTrainerUMambaEnc, nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEncNoAMP,
             nnUNetTrainerUMambaBotNoAMP]
@@ -26,62 +28,20 @@ DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "left
                 "numTraining": 4, "file_ending": ".nii.gz"}
 
 
-def _architecture(dim, n_stages, features, kernels, strides):
-    """Return the 'architecture' entry of an nnU-Net 2.8 plans configuration."""
-    return {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n_stages, "features_per_stage": features,
-            "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": kernels, "strides": strides,
-            "n_conv_per_stage": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-            "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
-
-
-def _configuration(name, dim, patch, n_stages, features, kernels, strides, **extra):
-    """Return an nnU-Net 2.8 plans configuration with a tiny network."""
-    configuration = {
-        "data_identifier": f"nnUNetPlans_{name}", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": patch, "median_image_size_in_voxels": [2 * p for p in patch],
-        "spacing": [1.0] * dim, "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                               "force_separate_z": None},
-        "architecture": _architecture(dim, n_stages, features, kernels, strides), "batch_dice": False,
-    }
-    configuration.update(extra)
-    return configuration
-
-
 def make_plans():
     """Return a plans dict (as nnU-Net 2.8 writes plans.json) with 2d, 3d_lowres, 3d_fullres and the cascade."""
-    return {
-        "dataset_name": DATASET_NAME, "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [16, 32, 32], "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-        "configurations": {
-            "2d": _configuration("2d", 2, [32, 32], 4, [4, 8, 12, 16], [[3, 3]] * 4,
-                                 [[1, 1], [2, 2], [2, 2], [2, 2]]),
-            "3d_lowres": _configuration("3d_lowres", 3, [8, 16, 16], 3, [4, 8, 8], [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-                                        [[1, 1, 1], [1, 2, 2], [2, 2, 2]], next_stage="3d_cascade_fullres"),
-            "3d_fullres": _configuration("3d_fullres", 3, [8, 16, 16], 4, [4, 8, 8, 16],
-                                         [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-                                         [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]),
-            "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"},
-        },
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
-                  "percentile_99_5": 1.0, "std": 1.0}},
-    }
+    fullres_3d = arch_kwargs([4, 8, 8, 16], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+                             kernels=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], blocks=2, decoder_blocks=2)
+    lowres_3d = arch_kwargs([4, 8, 8], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], kernels=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+                            blocks=2, decoder_blocks=2)
+    plan_2d = arch_kwargs([4, 8, 12, 16], [[1, 1], [2, 2], [2, 2], [2, 2]], blocks=2, decoder_blocks=2)
+    return builders.make_plans(DATASET_NAME, {
+        "2d": builders.configuration([32, 32], plan_2d, "2d"),
+        "3d_lowres": builders.configuration([8, 16, 16], lowres_3d, "3d_lowres",
+                                            next_stage="3d_cascade_fullres"),
+        "3d_fullres": builders.configuration([8, 16, 16], fullres_3d, "3d_fullres"),
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"},
+    }, original_median_shape=[16, 32, 32])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -149,43 +109,12 @@ def test_trainers_are_discovered_and_concrete():
 # Real nnU-Net train / validation steps on the CPU
 # ------------------------------------------------------------------------------------------------------------
 
-def make_trainer(trainer_class, configuration, tmp_path, monkeypatch, device="cpu"):
-    """Return an initialised trainer for the in-memory plans (nnU-Net folders under tmp_path)."""
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    # initialize() only inspects the preprocessed folder's file endings to pick the dataset class.
-    data_folder = tmp_path / "preprocessed" / DATASET_NAME / f"nnUNetPlans_{configuration}"
-    data_folder.mkdir(parents=True, exist_ok=True)
-    (data_folder / "case_000.b2nd").touch()
-    plans = make_plans()
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training adds this key before constructing
-    trainer = trainer_class(plans, configuration, 0, copy.deepcopy(DATASET_JSON), torch.device(device))
-    trainer.initialize()
-    return trainer
-
-
-def make_batch(trainer, batch_size=2, seed=0):
-    """Return a training batch as nnU-Net's data loader makes it (targets per DS scale when DS is on)."""
-    generator = torch.Generator().manual_seed(seed)
-    patch = trainer.configuration_manager.patch_size
-    data = torch.randn(batch_size, trainer.num_input_channels, *patch, generator=generator)
-    target = torch.randint(0, 3, (batch_size, 1, *patch), generator=generator).float()
-    if not trainer.enable_deep_supervision:
-        return {"data": data, "target": target}
-    targets = []
-    for scale in trainer._get_deep_supervision_scales():
-        size = [int(round(p * s)) for p, s in zip(patch, scale)]
-        targets.append(torch.nn.functional.interpolate(target, size=size, mode="nearest"))
-    return {"data": data, "target": targets}
-
-
 @pytest.mark.parametrize("trainer_class,configuration", [(nnUNetTrainerUMambaEnc, "3d_fullres"),
                                                          (nnUNetTrainerUMambaBotNoAMP, "2d"),
                                                          (nnUNetTrainerUMambaEncNoAMP, "3d_lowres")])
 def test_real_train_and_validation_steps(trainer_class, configuration, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    trainer = make_trainer(trainer_class, configuration, tmp_path, monkeypatch)
+    trainer = make_trainer(trainer_class, make_plans(), configuration, DATASET_JSON, tmp_path, monkeypatch)
     assert trainer._do_i_compile() is False
     assert trainer.network.decoder.deep_supervision is True
     before = {name: p.detach().clone() for name, p in trainer.network.named_parameters()}
@@ -209,7 +138,7 @@ def test_real_train_and_validation_steps(trainer_class, configuration, tmp_path,
 
 def test_noamp_validation_step_with_deep_supervision_off(tmp_path, monkeypatch):
     # Upstream's NoAMP validation_step indexes output[0] unconditionally; ours follows nnU-Net's DS switch.
-    trainer = make_trainer(nnUNetTrainerUMambaBotNoAMP, "3d_fullres", tmp_path, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerUMambaBotNoAMP, make_plans(), "3d_fullres", DATASET_JSON, tmp_path, monkeypatch)
     trainer.enable_deep_supervision = False
     trainer.set_deep_supervision_enabled(False)
     trainer.loss = trainer._build_loss()

@@ -14,6 +14,7 @@ from nnunetv2_mamba.network_architectures.vivim import Vivim
 from nnunetv2_mamba.plans import PlanError
 from nnunetv2_mamba.trainers.discovery import concrete_trainers
 from nnunetv2_mamba.trainers.vivim import nnUNetTrainerVivim, nnUNetTrainerVivimV3
+from tests.builders import nnunet_folders
 
 DATASET_NAME = "Dataset962_VivimTrainerTest"
 DATASET_JSON = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "foreground": 1},
@@ -163,13 +164,8 @@ def test_models_trained_before_the_plan_step_still_build_their_network():
 
 
 def make_trainer_folders(tmp_path, monkeypatch):
-    """Point nnU-Net's folders into tmp_path and create the preprocessed folder initialize() inspects."""
-    for variable in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
-        monkeypatch.setenv(variable, str(tmp_path / variable))
-    data_folder = tmp_path / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans_3d_fullres"
-    data_folder.mkdir(parents=True)
-    (data_folder / "case_000.b2nd").touch()
-    return data_folder.parent
+    """Point nnU-Net's folders into tmp_path; return the dataset's preprocessed folder (3d_fullres data inside)."""
+    return nnunet_folders(tmp_path, monkeypatch, DATASET_NAME, "nnUNetPlans_3d_fullres").parent
 
 
 def test_trainer_leaves_the_plans_it_is_given_unchanged(tmp_path, monkeypatch):

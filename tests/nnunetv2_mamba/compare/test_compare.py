@@ -10,7 +10,7 @@ from scipy.stats import wilcoxon
 
 from nnunetv2_mamba import cli
 from nnunetv2_mamba.compare import CompareError, benchmark_network_for, build_comparison, holm, write_outputs
-from nnunetv2_mamba.compare.outputs import format_markdown, write_atomic
+from nnunetv2_mamba.compare.outputs import format_markdown
 
 DATASET = "Dataset042_Toy"
 PLANS, CONFIGURATION = "nnUNetPlans", "3d_fullres"
@@ -268,14 +268,6 @@ def test_benchmark_network_names_for_trainers():
     assert benchmark_network_for("nnUNetTrainerVivimV3", networks) == "VivimV3"
     assert benchmark_network_for("nnUNetTrainerLoGVMambaPaperRecipe", networks) == "LoGVMamba"
     assert benchmark_network_for("nnUNetTrainerGVMamba", networks) is None
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    target = tmp_path / "per_class.csv"
-    write_atomic(target, "old\n")
-    with pytest.raises(TypeError):
-        write_atomic(target, 12345)  # neither text nor bytes: fails while writing
-    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["per_class.csv"]
 
 
 def test_markdown_of_a_comparison_lists_every_row(tmp_path):
