@@ -19,7 +19,15 @@ from nnunetv2_mamba.ssm.scan import backend_names
 from nnunetv2_mamba.trainers.logvmamba import nnUNetTrainerLoGVMambaPaperRecipe
 from nnunetv2_mamba.trainers.umamba import nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBotNoAMP
 from nnunetv2_mamba.version import __version__
-from tests.trainers.test_umamba import make_batch, make_trainer
+from tests import builders
+from tests.builders import make_batch
+from tests.trainers import test_logvmamba, test_umamba
+
+
+def make_trainer(trainer_class, configuration, tmp_path, monkeypatch, device="cpu"):
+    """Return an initialised trainer on the U-Mamba tests' tiny plans."""
+    return builders.make_trainer(trainer_class, test_umamba.make_plans(), configuration, test_umamba.DATASET_JSON,
+                                 tmp_path, monkeypatch, device)
 
 
 @pytest.fixture
@@ -302,9 +310,9 @@ def test_a_run_of_nonfinite_losses_stops_training(trainer, monkeypatch):
 @pytest.mark.parametrize("trainer_class", [nnUNetTrainerUMambaBotNoAMP, nnUNetTrainerLoGVMambaPaperRecipe])
 def test_fp32_and_own_recipe_steps_skip_nonfinite_losses(trainer_class, tmp_path, monkeypatch):
     if trainer_class is nnUNetTrainerLoGVMambaPaperRecipe:  # its own train_step, LoG-VMamba's test plans
-        from tests.trainers.test_logvmamba import make_batch as make_logvmamba_batch
-        from tests.trainers.test_logvmamba import make_trainer as make_logvmamba_trainer
-        trainer, batch = make_logvmamba_trainer(trainer_class, tmp_path, monkeypatch), make_logvmamba_batch
+        trainer = builders.make_trainer(trainer_class, test_logvmamba.make_plans(), "3d_fullres",
+                                        test_logvmamba.DATASET_JSON, tmp_path, monkeypatch)
+        batch = make_batch
     else:
         trainer, batch = make_trainer(trainer_class, "3d_fullres", tmp_path, monkeypatch), make_batch
     _nan_loss_for(trainer, monkeypatch, bad_calls={0})

@@ -27,6 +27,7 @@ from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_modu
 
 from nnunetv2_mamba.data.video_plan import add_vivim_configurations
 from nnunetv2_mamba.trainers.discovery import concrete_trainers
+from tests import builders
 from tests.trainers import test_logvmamba, test_taming, test_umamba, test_vivim
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,12 +37,11 @@ TRAINERS = concrete_trainers()
 def make_trainer(trainer_class, tmp_path, monkeypatch):
     """Return an initialised trainer of any family on its tiny test plans (3d_fullres or its Vivim configuration)."""
     family = trainer_class.__module__.rsplit(".", 1)[-1]
-    if family == "umamba":
-        return test_umamba.make_trainer(trainer_class, "3d_fullres", tmp_path, monkeypatch)
-    if family == "taming":
-        return test_taming.make_trainer(trainer_class, "3d_fullres", tmp_path, monkeypatch)
-    if family == "logvmamba":
-        return test_logvmamba.make_trainer(trainer_class, tmp_path, monkeypatch)
+    tests_of_family = {"umamba": test_umamba, "taming": test_taming, "logvmamba": test_logvmamba}
+    if family in tests_of_family:
+        tests = tests_of_family[family]
+        return builders.make_trainer(trainer_class, tests.make_plans(), "3d_fullres", tests.DATASET_JSON, tmp_path,
+                                     monkeypatch)
     assert family == "vivim", f"no tiny plans for the trainer family {family!r} ({trainer_class.__name__})"
     test_vivim.make_trainer_folders(tmp_path, monkeypatch)
     plans = add_vivim_configurations(test_vivim.planned_plans(median=(6, 32, 32)))
@@ -53,17 +53,8 @@ def make_trainer(trainer_class, tmp_path, monkeypatch):
 
 
 def make_batch(trainer, batch_size, seed):
-    """Return a batch as nnU-Net's data loader makes it (one target per deep-supervision scale when DS is on)."""
-    generator = torch.Generator().manual_seed(seed)
-    patch = trainer.configuration_manager.patch_size
-    data = torch.randn(batch_size, trainer.num_input_channels, *patch, generator=generator)
-    labels = len(trainer.label_manager.all_labels)
-    target = torch.randint(0, labels, (batch_size, 1, *patch), generator=generator).float()
-    if not trainer.enable_deep_supervision:
-        return {"data": data, "target": target}
-    return {"data": data, "target": [torch.nn.functional.interpolate(target, size=[round(p * s) for p, s in
-                                                                                    zip(patch, scale)])
-                                     for scale in trainer._get_deep_supervision_scales()]}
+    """Return a batch as nnU-Net's data loader makes it, with every label of the trainer's dataset."""
+    return builders.make_batch(trainer, batch_size, seed, num_labels=len(trainer.label_manager.all_labels))
 
 
 def use_ddp_loss(trainer):
