@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     demo.set_defaults(func=command_demo)
+    from nnunetv2_mamba.planning.plan_cli import add_plan_subcommand
+
+    add_plan_subcommand(sub)
     _register_optional_subcommands(sub)
     return parser
 
