@@ -43,7 +43,10 @@ FRAGMENTATION_MARGIN = 0.10
 #: Per-family factor: peak allocated activation memory at fp16 AMP on the GPU / fp32 saved bytes on the CPU.
 #: Fitted by ``benchmarks/calibrate_memory.py --derive`` to the 128^3 / batch-2 peaks in BENCHMARKS.md
 #: (H100/H200, mamba_ssm backend). Families without their own measurement use a measured sibling's factor.
-CALIBRATION_FACTORS: Dict[str, float] = {}
+CALIBRATION_FACTORS: Dict[str, float] = {
+    "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
+    "SegMamba": 0.7703,
+}
 #: Families whose factor is borrowed, and from which measured family.
 BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-VMamba"}
 #: Used for a family with no calibration at all (logged): the largest measured factor, to err on the safe side.
