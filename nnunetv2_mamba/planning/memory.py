@@ -45,7 +45,7 @@ FRAGMENTATION_MARGIN = 0.10
 #: (H100/H200, mamba_ssm backend). Families without their own measurement use a measured sibling's factor.
 CALIBRATION_FACTORS: Dict[str, float] = {
     "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
-    "SegMamba": 0.7703,
+    "SegMamba": 0.7703, "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
 }
 #: Families whose factor is borrowed, and from which measured family.
 BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-VMamba"}

@@ -45,18 +45,9 @@ def planned(tmp_path_factory):
 
 @pytest.fixture()
 def nnunet_paths(planned, monkeypatch):
-    """Point the nnU-Net modules imported in this process at the test folders."""
-    for module in [m for name, m in list(sys.modules.items()) if name.startswith("nnunetv2") and m is not None]:
-        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            if hasattr(module, variable):
-                monkeypatch.setattr(module, variable, planned["env"][variable])
-    import nnunetv2.experiment_planning.experiment_planners.default_experiment_planner as planner_module
-    import nnunetv2.utilities.dataset_name_id_conversion as conversion
-
-    for module in (planner_module, conversion):
-        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            if hasattr(module, variable):
-                monkeypatch.setattr(module, variable, planned["env"][variable])
+    """Point nnU-Net at the test folders (nnU-Net 2.8 reads its path variables when they are used)."""
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(variable, planned["env"][variable])
     return planned["env"]
 
 
