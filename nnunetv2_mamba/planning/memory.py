@@ -46,6 +46,7 @@ FRAGMENTATION_MARGIN = 0.10
 CALIBRATION_FACTORS: Dict[str, float] = {
     "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
     "SegMamba": 0.7703, "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
+    "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
 }
 #: Families whose factor is borrowed, and from which measured family.
 BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-VMamba"}
