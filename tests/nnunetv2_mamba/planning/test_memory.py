@@ -1,5 +1,4 @@
 """The memory estimator: saved-tensor counting, the linear probe fit, monotonicity, the calibration."""
-import dataclasses
 
 import pytest
 import torch
