@@ -247,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=command_demo)
     from nnunetv2_mamba.cluster import add_cluster_subcommand
     from nnunetv2_mamba.compare.cli import add_compare_subcommand
+    from nnunetv2_mamba.planning.plan_cli import add_plan_subcommand
     add_compare_subcommand(sub)
     add_cluster_subcommand(sub)
+    add_plan_subcommand(sub)
     _register_optional_subcommands(sub)
     return parser
 

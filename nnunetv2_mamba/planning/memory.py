@@ -1,0 +1,229 @@
+"""Estimate the peak GPU memory of one fp16-AMP training step of a plugin network, without a GPU.
+
+The estimate has three parts (bytes):
+
+* **state**: parameters (fp32), their gradients (fp32), SGD momentum (fp32, nnU-Net's optimizer) and the
+  fp16 copies of the weights autocast caches during the forward: ``14 * n_parameters``.
+* **activations**: what autograd keeps for the backward. Counted on the CPU with
+  ``torch.autograd.graph.saved_tensors_hooks`` during an fp32 forward of the network built for two small
+  probe patches with the plan's topology (same stages, strides, kernels, features), batch 1, then fitted as
+  ``intercept + per_voxel * voxels`` (every saved tensor is a feature map, or a scan state, whose size is
+  linear in the voxels of the patch) and multiplied by the batch. The network outputs (kept for the loss)
+  are counted too.
+* **calibration**: a per-family factor turns the fp32 saved bytes into the peak allocated at fp16 AMP on the
+  GPU (half-precision activations, the scan kernel's own saved states -- mamba_ssm's fused path keeps
+  ``xz``, ``x_dbl`` and the conv state instead of what the torch backend saves -- and the transient gradient
+  buffers of the backward). It was fitted to the peaks of ``benchmarks/benchmark_networks.py`` (BENCHMARKS.md,
+  "Memory estimate"): ``factor = (measured peak - state) / activations`` at the 128^3 plan, batch 2.
+
+To fit a GPU the planner adds a constant for the CUDA context and a fragmentation margin on top of the peak
+allocated (``needed_bytes``). Every term is non-negative and grows with the voxels and the batch, so the
+estimate is monotone in patch and batch by construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+GIB = 2 ** 30
+#: fp32 weights + fp32 gradients + fp32 SGD momentum + fp16 weight copies cached by autocast.
+STATE_BYTES_PER_PARAMETER = 4 + 4 + 4 + 2
+#: Memory the CUDA context and cuDNN/cuBLAS handles take outside the caching allocator (not calibrated).
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)
+#: Reserved-but-unallocated blocks of the caching allocator, as a fraction of the peak allocated (not calibrated).
+FRAGMENTATION_MARGIN = 0.10
+
+#: Per-family factor: peak allocated activation memory at fp16 AMP on the GPU / fp32 saved bytes on the CPU.
+#: Fitted by ``benchmarks/calibrate_memory.py --derive`` to the 128^3 / batch-2 peaks in BENCHMARKS.md
+#: (H100/H200, mamba_ssm backend). Families without their own measurement use a measured sibling's factor.
+CALIBRATION_FACTORS: Dict[str, float] = {
+    "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
+    "SegMamba": 0.7703, "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
+    "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
+}
+#: Families whose factor is borrowed, and from which measured family.
+BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-VMamba"}
+#: Used for a family with no calibration at all (logged): the largest measured factor, to err on the safe side.
+DEFAULT_FACTOR_FAMILY = "max"
+
+#: The peaks (GiB) the factors were fitted to: benchmarks/benchmark_networks.py, 128^3 plan, batch 2, fp16 AMP.
+MEASURED_PEAKS_GIB: Dict[str, float] = {
+    "PlainConvUNet": 4.75, "U-Mamba-Enc": 20.06, "U-Mamba-Bot": 9.25, "LoG-VMamba": 7.14, "SegMamba": 21.54,
+    "BiSegMamba": 31.05, "MultiSegMamba": 57.00, "SegMambaSkip": 30.72, "Vivim": 22.08,
+    "Vivim (ST-Mamba v3)": 33.15,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationProbe:
+    """What one topology costs: parameters and the linear fit of fp32 saved bytes per sample."""
+
+    n_parameters: int
+    saved_intercept_bytes: float
+    saved_bytes_per_voxel: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimate of one training step (bytes), split into its parts."""
+
+    family: str
+    patch_size: Tuple[int, ...]
+    batch_size: int
+    state_bytes: float
+    activation_bytes: float
+    fp32: bool
+
+    @property
+    def peak_allocated_bytes(self) -> float:
+        """Return what ``torch.cuda.max_memory_allocated`` should report for the step."""
+        return self.state_bytes + self.activation_bytes
+
+    @property
+    def needed_bytes(self) -> float:
+        """Return the GPU memory the step needs: peak allocated + fragmentation margin + CUDA context."""
+        return self.peak_allocated_bytes * (1 + FRAGMENTATION_MARGIN) + CUDA_CONTEXT_BYTES
+
+    def as_dict(self) -> dict:
+        """Return a JSON-ready summary in GiB."""
+        return {"family": self.family, "patch_size": list(self.patch_size), "batch_size": self.batch_size,
+                "fp32": self.fp32, "state_gib": round(self.state_bytes / GIB, 3),
+                "activation_gib": round(self.activation_bytes / GIB, 3),
+                "peak_allocated_gib": round(self.peak_allocated_bytes / GIB, 3),
+                "needed_gib": round(self.needed_bytes / GIB, 3),
+                "cuda_context_gib": round(CUDA_CONTEXT_BYTES / GIB, 3),
+                "fragmentation_margin": FRAGMENTATION_MARGIN}
+
+
+def _parameter_storages(network: nn.Module) -> set:
+    return {p.untyped_storage().data_ptr() for p in network.parameters()}
+
+
+def count_saved_bytes(network: nn.Module, inputs: torch.Tensor) -> int:
+    """Return the bytes autograd saves for the backward of ``network(inputs)`` plus the outputs' bytes.
+
+    Storages are counted once (views share them); parameters are left out (they are part of the state).
+    """
+    parameter_storages = _parameter_storages(network)
+    saved: Dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        outputs = network(inputs)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    for output in outputs:
+        saved.setdefault(output.untyped_storage().data_ptr(), output.untyped_storage().nbytes())
+    return sum(saved.values())
+
+
+def probe_patches(plan) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Return two small patches of the plan's topology, the second with twice the voxels of the first.
+
+    The first is the smallest divisible patch doubled on axis 0 (instance norm needs more than one voxel at the
+    bottleneck), the second also doubles axis 1.
+    """
+    divisor = [int(v) for v in np.prod(np.array(plan.strides, dtype=np.int64), axis=0)]
+    small = (2 * divisor[0],) + tuple(divisor[1:])
+    larger = (small[0], 2 * small[1]) + small[2:]
+    return small, larger
+
+
+def probe_activations(build: Callable, plan) -> ActivationProbe:
+    """Build the network at the two probe patches on the CPU and fit its fp32 saved bytes per sample."""
+    points = []
+    n_parameters = 0
+    for patch in probe_patches(plan):
+        probe_plan = dataclasses.replace(plan, patch_size=patch)
+        torch.manual_seed(0)
+        network = build(probe_plan, True)
+        network.train()
+        n_parameters = max(n_parameters, sum(p.numel() for p in network.parameters()))
+        inputs = torch.randn(1, plan.input_channels, *patch)
+        points.append((float(np.prod(patch)), float(count_saved_bytes(network, inputs))))
+        del network
+    (v1, s1), (v2, s2) = points
+    per_voxel = max((s2 - s1) / (v2 - v1), 0.0)
+    intercept = max(s1 - per_voxel * v1, 0.0)
+    return ActivationProbe(n_parameters, intercept, per_voxel)
+
+
+def calibration_factor(family: str) -> float:
+    """Return the fitted factor of a family (a measured sibling's, or the largest one, when it has none)."""
+    if family in CALIBRATION_FACTORS:
+        return CALIBRATION_FACTORS[family]
+    if BORROWED_FACTORS.get(family) in CALIBRATION_FACTORS:
+        return CALIBRATION_FACTORS[BORROWED_FACTORS[family]]
+    logger.warning("No memory calibration for network family %r; using the largest calibrated factor.", family)
+    return max(CALIBRATION_FACTORS.values())
+
+
+def estimate_from_probe(family: str, probe: ActivationProbe, patch_size: Sequence[int], batch_size: int,
+                        fp32: bool = False, factor: Optional[float] = None) -> MemoryEstimate:
+    """Return the estimate of a training step at ``patch_size`` x ``batch_size`` from a topology's probe.
+
+    ``fp32`` (the NoAMP trainers) doubles the activation factor: no half-precision activations.
+    """
+    assert batch_size >= 1, f"batch size must be >= 1, got {batch_size}"
+    factor = calibration_factor(family) if factor is None else factor
+    if fp32:
+        factor *= 2
+    voxels = float(np.prod([int(v) for v in patch_size]))
+    per_sample = probe.saved_intercept_bytes + probe.saved_bytes_per_voxel * voxels
+    state = float(probe.n_parameters * STATE_BYTES_PER_PARAMETER)
+    return MemoryEstimate(family, tuple(int(v) for v in patch_size), int(batch_size), state,
+                          factor * batch_size * per_sample, fp32)
+
+
+def topology_key(plan) -> tuple:
+    """Return what the probe depends on (everything in the plan but the patch size)."""
+    return (plan.input_channels, plan.num_classes, tuple(plan.features_per_stage),
+            tuple(map(tuple, plan.kernel_sizes)), tuple(map(tuple, plan.strides)), tuple(plan.n_blocks_per_stage),
+            tuple(plan.n_conv_per_stage_decoder), getattr(plan.conv_op, "__name__", str(plan.conv_op)))
+
+
+class MemoryEstimator:
+    """Estimates training steps of one network family; probes are cached per topology."""
+
+    def __init__(self, family: str, build: Callable, fp32: bool = False):
+        self.family = family
+        self.build = build
+        self.fp32 = fp32
+        self._probes: Dict[tuple, ActivationProbe] = {}
+
+    @classmethod
+    def for_trainer(cls, trainer_class) -> "MemoryEstimator":
+        """Return the estimator of a plugin trainer (its ``build_network``; NoAMP trainers count fp32)."""
+        from nnunetv2_mamba.trainers.base import NoAMPMixin
+
+        return cls(trainer_class.network_family, trainer_class.build_network,
+                   fp32=issubclass(trainer_class, NoAMPMixin))
+
+    def probe(self, plan) -> ActivationProbe:
+        """Return (and cache) the probe of the plan's topology."""
+        key = topology_key(plan)
+        if key not in self._probes:
+            threads = torch.get_num_threads()
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    self._probes[key] = probe_activations(self.build, plan)
+            finally:
+                torch.set_num_threads(threads)
+            logger.info("memory probe %s %s: %s", self.family, key[4], self._probes[key])
+        return self._probes[key]
+
+    def estimate(self, plan, batch_size: int, patch_size: Optional[Sequence[int]] = None) -> MemoryEstimate:
+        """Return the estimate of a training step for the plan's topology at its (or the given) patch size."""
+        patch_size = plan.patch_size if patch_size is None else patch_size
+        return estimate_from_probe(self.family, self.probe(plan), patch_size, batch_size, self.fp32)
