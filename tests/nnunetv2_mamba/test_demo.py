@@ -10,7 +10,7 @@ import pytest
 from nnunetv2_mamba import cli, demo
 from nnunetv2_mamba.data.mni152 import LABELS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 #: Settings that learn every class in a few CPU minutes: small cases (32 voxels, 5 mm), 24 iterations.
 CI_SETTINGS = ["--device", "cpu", "--size", "32", "--train-cases", "6", "--test-cases", "2", "--epochs", "3",
                "--iterations", "8", "--no-progress"]
