@@ -1,7 +1,8 @@
 """Writing files and folders so that a failure never leaves anything half-written.
 
-``atomic_write(path, data, mode)``: the data goes to a temporary file in the same folder, is flushed and fsync'ed, then
-renamed over ``path`` (``os.replace`` is atomic within one file system). ``staged_directory(path)``: a context
+``staged_file(path)``: a context manager that yields a temporary path in the same folder; when the block ends without
+an error the file is fsync'ed and renamed over ``path`` (``os.replace`` is atomic within one file system).
+``atomic_write(path, data, mode)``: text or bytes written that way. ``staged_directory(path)``: a context
 manager that yields a hidden folder beside ``path``; the caller fills it, and only when the block ends without an
 error is it renamed to ``path``. On an error the temporary file or folder is removed and an existing ``path`` is
 left as it was.
@@ -35,8 +36,31 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+@contextlib.contextmanager
+def staged_file(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for the caller to write; publish it when the block succeeds.
+
+    On success the temporary file is flushed to disk (fsync) and renamed over ``path``; if the block wrote no file,
+    nothing is replaced. On any error (KeyboardInterrupt included) the temporary file is removed and an existing
+    ``path`` stays as it was. For writers that need a file name (``torch.save``); text and bytes use atomic_write.
+    """
+    path = Path(path)
+    temporary = _hidden_sibling(path, "tmp")
+    try:
+        yield temporary
+        if temporary.exists():
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+            _fsync_folder(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
 def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666) -> Path:
-    """Write text or bytes to ``path`` through a temporary file and a rename; return the path.
+    """Write text or bytes to ``path`` through a temporary file and a rename (``staged_file``); return the path.
 
     The file is never seen half-written: readers get the old content until the rename and the new content after.
     ``mode`` is the permission the file is created with, less the user's umask as for any new file (``0o777``
@@ -46,20 +70,11 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: i
     if not isinstance(data, (str, bytes, bytearray)):
         raise TypeError(f"atomic_write({path}) takes str or bytes, not {type(data).__name__}")
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    temporary = _hidden_sibling(path, "tmp")
-    try:
+    with staged_file(path) as temporary:
         # O_EXCL with an explicit mode: the umask applies (tempfile.mkstemp would force 0600).
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
         with open(descriptor, "wb") as handle:
             handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_folder(path.parent)
     return path
 
 

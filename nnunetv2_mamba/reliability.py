@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from nnunetv2_mamba.io import staged_file
 from nnunetv2_mamba.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -45,51 +46,21 @@ class MambaOutOfMemoryError(torch.cuda.OutOfMemoryError):
 # Atomic files
 # ------------------------------------------------------------------------------------------------------------
 
-def _fsync_folder(folder: str) -> None:
-    # The rename itself is only durable once the folder entry is on disk (POSIX); Windows cannot open folders.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+def atomic_save(write: Callable[[str], None], filename: str) -> bool:
+    """Call ``write(temporary_path)`` and move the result over ``filename`` in one step (nnunetv2_mamba.io.staged_file).
 
-
-def atomic_write(write: Callable[[str], None], filename: str) -> bool:
-    """Call ``write(temporary_path)`` and move the result over ``filename`` in one step.
-
-    The temporary file lies in the same folder (so ``os.replace`` is an atomic rename on one file system), is
-    flushed to disk before the rename, and is removed if ``write`` raises: at every moment ``filename`` is
-    either the previous complete file or the new complete one. Returns False if ``write`` wrote nothing.
+    At every moment ``filename`` is either the previous complete file or the new complete one; the temporary file is
+    removed if ``write`` raises. Returns False if ``write`` wrote nothing (then nothing is replaced).
     """
-    filename = os.path.abspath(filename)
-    folder, name = os.path.split(filename)
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    if os.path.exists(temporary):
-        os.remove(temporary)  # left by an earlier crash of a process with the same id
-    try:
-        write(temporary)
-        if not os.path.exists(temporary):
-            return False
-        with open(temporary, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, filename)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    _fsync_folder(folder)
-    return True
+    with staged_file(filename) as temporary:
+        write(str(temporary))
+        written = temporary.exists()
+    return written
 
 
 def atomic_torch_save(obj, filename: str) -> None:
-    """``torch.save(obj, filename)``, atomically (see ``atomic_write``)."""
-    atomic_write(lambda path: torch.save(obj, path), filename)
+    """``torch.save(obj, filename)``, atomically (see ``atomic_save``)."""
+    atomic_save(lambda path: torch.save(obj, path), filename)
 
 
 # ------------------------------------------------------------------------------------------------------------

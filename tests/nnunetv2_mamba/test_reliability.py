@@ -6,7 +6,7 @@ import torch
 
 from nnunetv2_mamba import reliability
 from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CheckpointError, NonFiniteLossCounter, NonFiniteLossError,
-                                        atomic_torch_save, atomic_write, check_checkpoint_version,
+                                        atomic_save, atomic_torch_save, check_checkpoint_version,
                                         out_of_memory_message, require_checkpoint)
 
 
@@ -20,9 +20,9 @@ def test_atomic_write_replaces_in_one_step_and_cleans_up_after_a_failure(tmp_pat
             handle.write(b"partial")
         raise KeyboardInterrupt  # also an interrupt (Ctrl-C) leaves the old file
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(fails, str(target))
+        atomic_save(fails, str(target))
     assert torch.load(target) == {"a": 1} and os.listdir(tmp_path) == ["file.pth"]
-    assert atomic_write(lambda path: None, str(tmp_path / "never.pth")) is False
+    assert atomic_save(lambda path: None, str(tmp_path / "never.pth")) is False
     assert os.listdir(tmp_path) == ["file.pth"]
 
 
