@@ -136,7 +136,9 @@ class LoGVMamba(nn.Module):
         """Return logits (B, num_classes, *S) at the input resolution."""
         if tuple(x.shape[2:]) != self.input_size:
             raise ValueError(f"LoG-VMamba was built for patch size {list(self.input_size)} but got an input of "
-                             f"spatial size {list(x.shape[2:])}; its global tokens are tied to the patch size.")
+                             f"spatial size {list(x.shape[2:])} (its global tokens are tied to the patch size); feed "
+                             f"patches of size {list(self.input_size)} (nnU-Net's predictor does) or build the "
+                             f"network from a plan with the new patch size.")
         skips, stem_output = self.encoder.forward_with_stem(x)
         decoded = self.decoder(skips)
         out = stem_output + self.upsample(decoded)

@@ -310,6 +310,26 @@ def _umamba_dim(n_stages: int, conv_op: Type[nn.Module], input_size: Sequence[in
     return dim
 
 
+def _check_input_size(network: str, x: torch.Tensor, encoder: "UMambaEncoder", size_tied: bool) -> None:
+    """Raise one clear ValueError for an input the network cannot take (instead of a torch error deep inside).
+
+    Every network needs each spatial axis divisible by the encoder's total stride (else the decoder's skip
+    concatenation fails); one with channel-token mixers also needs the exact patch size it was built for
+    (d_model = prod(S) of the stage map, and a same-count map of another shape would silently scramble it).
+    """
+    spatial = [int(v) for v in x.shape[2:]]
+    patch = list(encoder.input_size)
+    if size_tied and spatial != patch:
+        raise ValueError(f"{network} was built for patch size {patch} (its channel-token Mamba layers are sized "
+                         f"from it) but got an input of spatial size {spatial}; feed patches of size {patch} "
+                         f"(nnU-Net's predictor does) or build the network from a plan with the new patch size.")
+    total_stride = [int(np.prod([stride[axis] for stride in encoder.strides])) for axis in range(len(patch))]
+    if len(spatial) == len(patch) and any(size % stride for size, stride in zip(spatial, total_stride)):
+        raise ValueError(f"{network} needs an input whose spatial size is divisible by its total stride "
+                         f"{total_stride}; got spatial size {spatial} (built for patch size {patch}). Pad or crop "
+                         f"the input to a multiple of {total_stride}, or use the plan's patch size.")
+
+
 class UMambaEnc(nn.Module):
     """U-Mamba-Enc: a UMambaLayer after every encoder stage (2D: alternating stages, skip-less last decoder)."""
 
@@ -330,10 +350,13 @@ class UMambaEnc(nn.Module):
             mixer_factory=umamba_enc_mixer_factory(dim, n_stages, d_state=d_state, backend=backend))
         self.decoder = UMambaDecoder(self.encoder, num_classes, decoder_counts, deep_supervision,
                                      use_full_resolution_skip=(dim == 3))
+        # A plain attribute, not a buffer: state_dict keys stay as they were.
+        self.size_tied = any(getattr(m, "channel_token", False) for m in self.encoder.mamba_layers)
         init_he(self)
 
     def forward(self, x: torch.Tensor):
         """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
+        _check_input_size("U-Mamba-Enc", x, self.encoder, self.size_tied)
         return self.decoder(self.encoder(x))
 
 
@@ -362,6 +385,7 @@ class UMambaBot(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
+        _check_input_size("U-Mamba-Bot", x, self.encoder, size_tied=False)  # patch tokens: any divisible size
         skips = self.encoder(x)
         skips[-1] = self.mamba_layer(skips[-1])
         return self.decoder(skips)

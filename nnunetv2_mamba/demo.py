@@ -366,6 +366,10 @@ def predict(results_dir: Path, images_dir: Path, output_dir: Path, device: str, 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunetv2_mamba.reliability import require_checkpoint
+
+    # Before nnU-Net's predictor, whose missing-file error does not say which checkpoints exist or what to pass.
+    require_checkpoint(str(results_dir), (0,), "checkpoint_final.pth")
     # Mirroring (8 flipped copies of every patch in 3D) is nnU-Net's default; on a CPU it would make this step 8x
     # slower for a small gain, so the CPU demo predicts without it.
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=device == "cuda",

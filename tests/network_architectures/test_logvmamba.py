@@ -530,5 +530,6 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="variant"):
         build_logvmamba(make_plan("3d_4stages"), variant="X")
     network = build_logvmamba(make_plan("3d_4stages"))
-    with pytest.raises(ValueError, match=r"patch size \[16, 16, 16\]"):
+    with pytest.raises(ValueError, match=r"patch size \[16, 16, 16\] but got an input of spatial size "
+                                         r"\[32, 16, 16\].*feed patches of size \[16, 16, 16\]"):
         network(torch.randn(1, 2, 32, 16, 16))

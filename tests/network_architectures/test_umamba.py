@@ -389,6 +389,28 @@ def test_direct_construction_is_initialised_as_it_trains(network_class, builder)
     assert conv_biases and all(torch.count_nonzero(b) == 0 for b in conv_biases)
 
 
+def test_input_the_network_cannot_take_gets_one_clear_error():
+    # 3d_iso_3 on an 8^3 patch: the last encoder stage (2x2x2 map, 8 channels) uses channel tokens.
+    enc, bot = build_umamba_enc(tiny_plan("3d_iso_3"), False), build_umamba_bot(tiny_plan("3d_iso_3"), False)
+    assert enc.size_tied and enc.encoder.mamba_layers[2].channel_token
+    with torch.no_grad():
+        assert enc(torch.randn(1, 2, 8, 8, 8)).shape == (1, 3, 8, 8, 8)
+        # Patch tokens take any size divisible by the total stride; U-Mamba-Bot keeps doing so.
+        assert bot(torch.randn(1, 2, 16, 8, 24)).shape == (1, 3, 16, 8, 24)
+        # Same number of positions at the channel-token stage (1x4x2 = 8) must not silently run either.
+        for shape in [(16, 16, 16), (4, 16, 8), (8, 8, 6)]:
+            with pytest.raises(ValueError) as error:
+                enc(torch.randn(1, 2, *shape))
+            message = str(error.value)
+            assert "\n" not in message
+            assert "built for patch size [8, 8, 8]" in message and f"got an input of spatial size {list(shape)}" in message
+            assert "feed patches of size [8, 8, 8]" in message
+        # Not divisible by the total stride 4: a clear message instead of torch.cat's size mismatch.
+        with pytest.raises(ValueError, match=r"U-Mamba-Bot needs an input whose spatial size is divisible by its "
+                                             r"total stride \[4, 4, 4\]; got spatial size \[8, 8, 6\]"):
+            bot(torch.randn(1, 2, 8, 8, 6))
+
+
 def test_bad_inputs_raise_clear_errors():
     kwargs = arch_kwargs([4, 8, 8], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], kernels=[[3, 3, 3]] * 3, blocks=2,
                          decoder_blocks=2)

@@ -9,6 +9,7 @@ import pytest
 
 from nnunetv2_mamba import cli, demo
 from nnunetv2_mamba.data.mni152 import LABELS
+from nnunetv2_mamba.reliability import CheckpointError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 #: Settings that learn every class in a few CPU minutes: small cases (32 voxels, 5 mm), 24 iterations.
@@ -149,3 +150,40 @@ def test_dice_table_and_chance(tmp_path):
     assert lines[0].split() == ["label", "nnUNetTrainerUMambaBot", "chance"]
     assert lines[1].split() == ["CSF", "0.500", "0.050"]
     assert lines[-1].split() == ["mean", "0.700", "0.183"]
+
+
+class RecordingPredictor:
+    """Stands in for nnUNetPredictor: records what the demo asks of it (no model is loaded)."""
+    calls = []
+
+    def __init__(self, **kwargs):
+        RecordingPredictor.calls.append(("init", kwargs["device"].type))
+
+    def initialize_from_trained_model_folder(self, folder, use_folds, checkpoint_name):
+        RecordingPredictor.calls.append(("load", folder, tuple(use_folds), checkpoint_name))
+
+    def predict_from_files_sequential(self, images, outputs, save_probabilities, overwrite):
+        RecordingPredictor.calls.append(("predict", Path(images[0][0]).name, Path(outputs[0]).name))
+
+
+def test_predict_without_final_checkpoint_names_what_exists_before_nnunet_loads(tmp_path, monkeypatch):
+    from nnunetv2.inference import predict_from_raw_data
+
+    monkeypatch.setattr(predict_from_raw_data, "nnUNetPredictor", RecordingPredictor)
+    RecordingPredictor.calls = []
+    results, images, output = tmp_path / "results", tmp_path / "imagesTs", tmp_path / "predictions"
+    (results / "fold_0").mkdir(parents=True)
+    (results / "fold_0" / "checkpoint_best.pth").touch()
+    images.mkdir()
+    (images / "case_000_0000.nii.gz").touch()
+    with pytest.raises(CheckpointError) as error:
+        demo.predict(results, images, output, "cpu", None, False, "nnUNetTrainerUMambaBot")
+    message = str(error.value)
+    assert message.startswith("Cannot predict with fold 0: checkpoint_final.pth is missing.") and "\n" not in message
+    assert "checkpoint_best.pth" in message and "-chk checkpoint_best.pth" in message and "--c" in message
+    assert RecordingPredictor.calls == [] and not output.exists()  # stopped before nnU-Net, nothing written
+
+    (results / "fold_0" / "checkpoint_final.pth").touch()
+    demo.predict(results, images, output, "cpu", None, False, "nnUNetTrainerUMambaBot")
+    assert RecordingPredictor.calls == [("init", "cpu"), ("load", str(results), (0,), "checkpoint_final.pth"),
+                                        ("predict", "case_000_0000.nii.gz", "case_000")]
