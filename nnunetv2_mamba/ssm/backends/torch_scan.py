@@ -67,13 +67,18 @@ def _linear_recurrence(decay: torch.Tensor, drive: torch.Tensor) -> torch.Tensor
     lead, d_state = decay.shape[:-2], decay.shape[-1]
     block_decay = decay.view(*lead, n_blocks, _BLOCK, d_state)
     block_drive = drive.view(*lead, n_blocks, _BLOCK, d_state)
+    # One reused buffer for the products: no fresh allocation of 1/_BLOCK of the tensor per step. Multiply then
+    # add (not addcmul_, which fuses them on the CPU and rounds differently) keeps the results bit for bit.
+    product = torch.empty_like(block_drive[..., 0, :])
     for t in range(1, _BLOCK):  # local states and cumulative decays inside every block
-        block_drive[..., t, :] += block_decay[..., t, :] * block_drive[..., t - 1, :]
+        torch.mul(block_decay[..., t, :], block_drive[..., t - 1, :], out=product)
+        block_drive[..., t, :] += product
         block_decay[..., t, :] *= block_decay[..., t - 1, :]
     # State entering block k (k >= 1): H_k = D_{k-1} H_{k-1} + E_{k-1}, with D/E the block's total decay and
     # local end state; H_0 = 0 (an initial state is already folded into drive_0 by the caller).
     entering = _linear_recurrence(block_decay[..., :-1, -1, :].clone(), block_drive[..., :-1, -1, :].clone())
-    block_drive[..., 1:, :, :] += block_decay[..., 1:, :, :] * entering[..., :, None, :]
+    # decay is scratch (overwritten, see above): the product goes into it instead of a new full-size tensor.
+    block_drive[..., 1:, :, :] += block_decay[..., 1:, :, :].mul_(entering[..., :, None, :])
     states = block_drive.view(*lead, n_blocks * _BLOCK, d_state)
     return states[..., :length, :] if padding else states
 
@@ -127,8 +132,10 @@ class _SelectiveScan(torch.autograd.Function):
                 end = min(start + chunk, length)
                 chunk_starts.append(state)
                 states = _chunk_states(uf, dt, Af, Bf, state, start, end)
-                y[:, :, start:end] = (states * _expand_bc(Cf, start, end, channels)).sum(-1)
-                state = states[:, :, -1, :]
+                state = states[:, :, -1, :].clone()
+                # The states are not needed after this chunk (the backward recomputes them), so C is multiplied
+                # in place: one (B, D, T, N) temporary less per chunk.
+                y[:, :, start:end] = states.mul_(_expand_bc(Cf, start, end, channels)).sum(-1)
             if D is not None:
                 y = y + D.to(dtype)[:, None] * uf
             out = y * F.silu(z.to(dtype)) if z is not None else y
@@ -214,8 +221,8 @@ class _SelectiveScan(torch.autograd.Function):
 def _chunk_states(u, dt, A, B, h0, start, end, decay=None):
     """Return the states h_t (batch, D, T, N) of tokens [start, end) given the state h0 before them."""
     dt_c = dt[:, :, start:end]
-    if decay is None:
-        decay = torch.exp(dt_c[..., None] * A[None, :, None, :])
+    if decay is None:  # exp in place: one (B, D, T, N) allocation instead of two
+        decay = torch.mul(dt_c[..., None], A[None, :, None, :]).exp_()
     drive = (dt_c * u[:, :, start:end])[..., None] * _expand_bc(B, start, end, u.shape[1])
     drive = drive.contiguous()
     drive[:, :, 0, :] += decay[:, :, 0, :] * h0
