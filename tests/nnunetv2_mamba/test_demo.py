@@ -12,9 +12,10 @@ from nnunetv2_mamba.data.mni152 import LABELS
 from nnunetv2_mamba.reliability import CheckpointError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-#: Settings that learn every class in a few CPU minutes: small cases (32 voxels, 5 mm), 24 iterations.
-CI_SETTINGS = ["--device", "cpu", "--size", "32", "--train-cases", "6", "--test-cases", "2", "--epochs", "3",
-               "--iterations", "8", "--no-progress"]
+#: Settings that learn every class in a few CPU minutes: small cases (32 voxels, 5 mm), 48 iterations (24 were
+#: not enough for the thin CSF in every run: Dice 0.0 once in CI).
+CI_SETTINGS = ["--device", "cpu", "--size", "32", "--train-cases", "6", "--test-cases", "2", "--epochs", "4",
+               "--iterations", "12", "--no-progress"]
 
 
 def readme_demo_command():
@@ -61,7 +62,7 @@ def test_readme_demo_command_trains_and_clearly_beats_chance(tmp_path, isolated_
     for label in ("CSF", "grey matter", "white matter"):
         ours, baseline, chance = rows[label]
         assert ours > 2 * chance + 0.1, (label, rows)  # clearly better than chance, every class
-        # nnU-Net's default trainer needs more than 24 iterations for the thin CSF (0.0 in the runs seen).
+        # nnU-Net's default trainer needs more iterations for the thin CSF (0.0 in the runs seen).
         assert label == "CSF" or baseline > chance + 0.2, (label, rows)
     assert rows["mean"][0] > rows["mean"][2] + 0.25, rows
     # Every output named, with the commands to go on; nnU-Net's plan dump went to the log, not the terminal.
