@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import convert_dim_to_conv_op
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 
-from nnunetv2_mamba.layers import (init_dt_projection_, run_in_fp32, selective_scan_branch, ssm_state_parameters,
+from nnunetv2_mamba.layers import (init_dt_projection_, run_mixer, selective_scan_branch, ssm_state_parameters,
                                    state_matrix)
 from nnunetv2_mamba.network_architectures.logvmamba_geometry import (
     LOCAL_SQUEEZE, ROLE_GLOBAL, ROLE_LOCAL, ROLE_LOCAL_GLOBAL, ROLE_VANILLA, LoGStageSpec, even_interleave,
@@ -243,9 +243,10 @@ class VSSBlock(nn.Module):
 
 
 class LoGMambaLayer(nn.Module):
-    """Per-stage wrapper on (B, C, *S) maps: VSSBlock on channels-last tokens, in fp32 with autocast off.
+    """Per-stage wrapper on (B, C, *S) maps: VSSBlock on channels-last tokens, in the mixer precision.
 
-    fp16 and bf16 inputs are cast to fp32 and the output stays fp32 (ARCHITECTURES.md §0.6): Mamba overflows in fp16.
+    Never fp16 (Mamba overflows in fp16): fp32 with autocast off, or bf16 autocast on a bf16 GPU with the
+    residual stream in fp32 (ARCHITECTURES.md §0.6).
     """
 
     def __init__(self, spec: LoGStageSpec, dim: int, d_state: int = 16, d_conv: int = 3, drop_path: float = 0.1,
@@ -255,5 +256,5 @@ class LoGMambaLayer(nn.Module):
         self.mamba = VSSBlock(spec.channels, VSSScanMixer(spec, dim, d_state, d_conv, backend), drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the mixed map (B, C, *S) in fp32."""
-        return run_in_fp32(lambda features: self.mamba(features.float().movedim(1, -1)).movedim(-1, 1), x)
+        """Return the mixed map (B, C, *S), fp32."""
+        return run_mixer(lambda features: self.mamba(features.float().movedim(1, -1)).movedim(-1, 1), x)

@@ -25,7 +25,7 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD, 
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
 
-from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_in_fp32,
+from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_mixer,
                                    run_on_map)
 from nnunetv2_mamba.network_architectures.blocks import init_he
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
@@ -67,7 +67,7 @@ class MambaLayer(nn.Module):
     """Stage mixer of SegMamba/BiSegMamba/SegMambaSkip: LayerNorm on the C-order tokens, then a token mixer.
 
     The token mixer's output replaces the features (no residual around the layer; the residual inside
-    MambaTrans is around the normalised tokens, as in the reference). Runs in fp32 with autocast off.
+    MambaTrans is around the normalised tokens, as in the reference). Runs in the mixer precision (§0.6).
     """
 
     def __init__(self, channels: int, token_mixer: nn.Module):
@@ -79,8 +79,8 @@ class MambaLayer(nn.Module):
         return self.mamba(self.norm(tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the mixed feature map (B, C, *S), fp32."""
-        return run_in_fp32(lambda features: run_on_map(self._mix_tokens, features), x)
+        """Return the mixed feature map (B, C, *S) in the mixer precision (§0.6)."""
+        return run_mixer(lambda features: run_on_map(self._mix_tokens, features), x)
 
 
 class MultiMambaTrans(nn.Module):
@@ -88,7 +88,8 @@ class MultiMambaTrans(nn.Module):
 
     Applied directly to the stage output (no outer LayerNorm). ``mixer_fp32=False`` keeps the reference's
     behaviour of running under the trainer's autocast (the scan state still accumulates in fp32);
-    ``True`` runs the whole mixer in fp32 like the other Taming networks.
+    ``True`` runs the whole mixer in the plugin's mixer precision (fp32, or bf16 on a bf16 GPU; §0.6) like
+    the other Taming networks.
     """
 
     def __init__(self, channels: int, axis_orders: Sequence[Sequence[int]] = MULTI_AXIS_ORDERS,
@@ -109,7 +110,7 @@ class MultiMambaTrans(nn.Module):
         if x.dim() - 2 != len(self.axis_orders[0]):
             raise ValueError(f"MultiMambaTrans was built for {len(self.axis_orders[0])}D maps; got input of shape "
                              f"{tuple(x.shape)}.")
-        return run_in_fp32(self._mix, x) if self.mixer_fp32 else self._mix(x)
+        return run_mixer(self._mix, x) if self.mixer_fp32 else self._mix(x)
 
 
 class TamingEncoder(nn.Module):

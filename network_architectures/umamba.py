@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_mamba.layers import Mamba, run_in_fp32, run_on_map
+from nnunetv2_mamba.layers import Mamba, run_mixer, run_on_map
 from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
@@ -114,7 +114,8 @@ class UMambaLayer(nn.Module):
 
     Patch-token mode: tokens are spatial positions (C order), d_model = C. Channel-token mode: tokens are the
     C channels and each token is the channel's flattened map, d_model = prod(S) (tied to the patch size).
-    The whole layer runs in fp32 with autocast off, because Mamba overflows under fp16 (ARCHITECTURES.md §0.6, §6.4).
+    The whole layer runs in the mixer precision (fp32, or bf16 autocast on a bf16 GPU), never under fp16, because
+    Mamba overflows in fp16 (ARCHITECTURES.md §0.6, §6.4).
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, channel_token: bool = False,
@@ -130,11 +131,11 @@ class UMambaLayer(nn.Module):
         return self.mamba(self.norm(tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the mixed map, same shape as ``x``, in fp32."""
-        return run_in_fp32(self._mix_map, x)
+        """Return the mixed map, same shape as ``x`` (fp32, or bf16 under the bf16 mixer policy)."""
+        return run_mixer(self._mix_map, x)
 
     def _mix_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the mixed map for an fp32 ``x`` (patch or channel tokens)."""
+        """Return the mixed map for ``x`` in the mixer precision (patch or channel tokens)."""
         if not self.channel_token:
             return run_on_map(self._mix_tokens, x)
         batch, channels, *spatial = x.shape

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunetv2_mamba.layers import (Mamba, combine, frame_deinterleave, frame_interleave, from_tokens,
-                                   run_frames_reversed, run_in_fp32, run_reversed, selective_scan_branch,
+                                   run_frames_reversed, run_mixer, run_reversed, selective_scan_branch,
                                    ssm_state_parameters, state_matrix, to_tokens)
 from nnunetv2_mamba.network_architectures.mit import (DECODER_DIM, MIT_B3, MixTransformer, SegFormerHead,
                                                       init_segformer_module)
@@ -160,8 +160,9 @@ class TemporalMambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the updated clip map (B, C, T, h, w) in fp32."""
-        # Mamba under fp16 autocast overflows (ARCHITECTURES.md §0.6): the whole layer runs in fp32, autocast off.
-        return run_in_fp32(self._update, x.float())
+        # Mamba under fp16 autocast overflows (ARCHITECTURES.md §0.6): the layer runs in the mixer precision (fp32,
+        # or bf16 autocast on a bf16 GPU) around an fp32 residual stream.
+        return run_mixer(self._update, x.float())
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         """Return x + mixer + DSF for an fp32 clip map (B, C, T, h, w)."""

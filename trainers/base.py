@@ -16,6 +16,7 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_mamba.io import atomic_write
+from nnunetv2_mamba.layers.precision import MIXER_DTYPE_ENV_VAR, mixer_dtype
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CHECKPOINT_NAMES, CheckpointError, MambaOutOfMemoryError,
                                         NonFiniteLossCounter, atomic_torch_save, channel_mismatch_message,
@@ -61,11 +62,12 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
         parameters = list(network.parameters())
         mixers_fp32 = bool(getattr(network, "mixer_fp32", True))  # every family but MultiSegMamba (§0.6)
         amp = self.device.type == "cuda" and self.grad_scaler is not None
+        scan_dtype = (mixer_dtype(self.device.type, amp) if mixers_fp32 else
+                      torch.float16 if amp else torch.float32)
         return {"network_class": f"{type(network).__module__}.{type(network).__qualname__}",
                 "network_parameters": sum(p.numel() for p in parameters),
                 "network_trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
-                "scan_backend": describe_scan_backends(network, self.device,
-                                                       torch.float16 if amp and not mixers_fp32 else torch.float32),
+                "scan_backend": describe_scan_backends(network, self.device, scan_dtype),
                 "precision": precision_policy(self.device.type, isinstance(self, NoAMPMixin), mixers_fp32)}
 
     def print_plans(self):
@@ -313,8 +315,13 @@ def precision_policy(device_type: str, no_amp: bool, mixers_fp32: bool = True) -
                 "nnU-Net's autocast)")
     if device_type != "cuda":
         return f"fp32 (nnU-Net uses no autocast and no GradScaler on {device_type})"
-    mixers = ("Mamba mixers in fp32 (autocast off inside)" if mixers_fp32 else
-              "Mamba mixers under autocast (scan state accumulated in fp32)")
+    if not mixers_fp32:
+        mixers = "Mamba mixers under autocast (scan state accumulated in fp32)"
+    elif mixer_dtype(device_type, True) is torch.bfloat16:
+        mixers = (f"Mamba mixers under bf16 autocast (LayerNorm and scan state in fp32; "
+                  f"${MIXER_DTYPE_ENV_VAR}=fp32 for the references' fp32 mixers)")
+    else:
+        mixers = "Mamba mixers in fp32 (autocast off inside)"
     return f"fp16 AMP (autocast + GradScaler), {mixers}"
 
 

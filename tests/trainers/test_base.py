@@ -63,8 +63,12 @@ def test_every_branch_of_st_mamba_v3_counts_as_a_scan(monkeypatch):
         f"torch ({3 * n_layers} selective scans) on cpu (automatic choice)"
 
 
-def test_precision_policy_per_device_and_variant():
+def test_precision_policy_per_device_and_variant(monkeypatch):
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "fp32")
     assert precision_policy("cuda", no_amp=False).startswith("fp16 AMP (autocast + GradScaler), Mamba mixers in fp32")
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "bf16")
+    assert "Mamba mixers under bf16 autocast" in precision_policy("cuda", no_amp=False)
+    assert precision_policy("cpu", no_amp=False).startswith("fp32")
     assert "mixers under autocast" in precision_policy("cuda", no_amp=False, mixers_fp32=False)
     assert precision_policy("cuda", no_amp=True).startswith("NoAMP fp32")
     assert precision_policy("cpu", no_amp=False) == "fp32 (nnU-Net uses no autocast and no GradScaler on cpu)"

@@ -72,3 +72,49 @@ def test_mixers_are_finite_under_cpu_bf16_autocast(name):
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_mixers_are_finite_under_cuda_fp16_autocast(name):
     _check_finite_under_autocast(name, "cuda", torch.float16)
+
+
+def test_mixer_dtype_policy_choices(monkeypatch):
+    from nnunetv2_mamba.layers.precision import mixer_dtype
+    monkeypatch.delenv("NNUNETV2_MAMBA_MIXER_DTYPE", raising=False)
+    assert mixer_dtype("cpu", True) is torch.float32  # nnU-Net never autocasts on the CPU
+    assert mixer_dtype("cuda", False) is torch.float32  # NoAMP: no autocast around the mixer
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "bf16")
+    assert mixer_dtype("cuda", True) is torch.bfloat16
+    assert mixer_dtype("cuda", False) is torch.float32
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "fp32")
+    assert mixer_dtype("cuda", True) is torch.float32
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "half")
+    with pytest.raises(ValueError, match=r"NNUNETV2_MAMBA_MIXER_DTYPE='half' is not a mixer precision; use one of auto"):
+        mixer_dtype("cuda", True)
+
+
+def test_cpu_autocast_keeps_the_mixer_in_fp32(monkeypatch):
+    monkeypatch.delenv("NNUNETV2_MAMBA_MIXER_DTYPE", raising=False)
+    layer = UMambaLayer(CHANNELS)
+    seen = []
+    layer.mamba.in_proj.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(1, CHANNELS, *MAP, dtype=torch.bfloat16))
+    assert seen == [torch.float32] and out.dtype is torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy, expected", [("auto", torch.bfloat16), ("fp32", torch.float32)])
+def test_cuda_fp16_autocast_runs_the_mixer_in_the_policy_dtype(monkeypatch, policy, expected):
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", policy)
+    layer = UMambaLayer(CHANNELS).cuda()
+    seen = []
+    layer.mamba.in_proj.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    x = torch.randn(2, CHANNELS, *MAP, device="cuda", dtype=torch.float16, requires_grad=True)
+    with torch.autocast(device_type="cuda", dtype=torch.float16):
+        out = layer(x)
+    out.float().square().mean().backward()
+    assert seen == [expected]
+    assert torch.isfinite(x.grad).all()
+    reference = UMambaLayer(CHANNELS).cuda()
+    reference.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        exact = reference(x.detach().float())
+    # bf16 projections: the result stays within bf16 rounding of the fp32 mixer.
+    assert torch.allclose(out.float(), exact, atol=5e-2, rtol=5e-2)
