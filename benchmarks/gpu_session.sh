@@ -27,7 +27,7 @@ if [ "$what" = amp ]; then
   timeout "${AMP_TIMEOUT:-520}" python3 -m pytest tests -m "gpu and not e2e" -q -rs \
     --ignore=tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py > "$out/gpu_tests.log" 2>&1
   wait
-  tail -3 "$out"/amp_*.log "$out/gpu_tests.log"
+  for f in "$out"/amp_*.log "$out/gpu_tests.log"; do tail -n 3 "$f"; done
   grep -h "steps at default precision" "$out"/amp_*.log || true
   mkdir -p "$out/amp_logs"
   for f in /tmp/amp*/*/nnUNet_results/*/*/fold_0/training_log_*.txt; do

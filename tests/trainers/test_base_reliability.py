@@ -500,6 +500,16 @@ def test_same_prediction_with_two_thread_counts(killed_and_resumed, monkeypatch)
 # GPU: every trainer at its default precision and nnU-Net's default plan; GPU-trained, CPU-predicted
 # ------------------------------------------------------------------------------------------------------------
 
+def _make_video_dataset(raw, dataset_id):
+    """Write a small synthetic video dataset (moving disks, 8 frames of 64 x 64) as nnU-Net raw data."""
+    from nnunetv2_mamba.data.synthetic import make_synthetic_videos
+    from nnunetv2_mamba.data.video_convert import video_to_nnunet
+
+    sources = Path(raw).parent / "video_sources"
+    make_synthetic_videos(sources, n_videos=6, nframes=8, size=(64, 64), seed=0, prefix="train")
+    return video_to_nnunet(sources, raw, dataset_id, name="AmpVideos")
+
+
 def _concrete_trainer_names():
     from nnunetv2_mamba.trainers.discovery import concrete_trainers
     return [name for name, _ in concrete_trainers()]
@@ -515,7 +525,6 @@ def amp_datasets(tmp_path_factory):
 
     from nnunetv2_mamba.data.synthetic import make_synthetic_dataset
     from tests.e2e.helpers import nnunet_command, nnunet_env, run_step
-    from tests.e2e.test_vivim import _make_video_dataset
 
     root = tmp_path_factory.mktemp("amp")
     env = nnunet_env(root)
@@ -536,6 +545,9 @@ def amp_datasets(tmp_path_factory):
                 _make_video_dataset(raw, dataset_id)
             run_step(f"plan_{kind}", [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
                                       "-c", "3d_fullres", "-np", "2"], env, root / "logs")
+            if kind == "video":  # Vivim trains on the video configurations the plugin adds to the plans
+                run_step("video_plan", [nnunet_command("nnunetv2_mamba"), "video", "plan", "-d", str(dataset_id)],
+                         env, root / "logs")
             prepared[kind] = dataset_id
         return env, prepared[kind]
     return prepare
@@ -551,7 +563,8 @@ def test_default_precision_gpu_training_has_no_nonfinite_step(trainer_name, amp_
     from tests.e2e.helpers import nnunet_command, run_step
 
     env, dataset_id = amp_datasets("video" if "Vivim" in trainer_name else "volume")
-    run_step(f"train_{trainer_name}", [nnunet_command("nnUNetv2_train"), str(dataset_id), "3d_fullres", "0",
+    configuration = "3d_fullres_vivim" if "Vivim" in trainer_name else "3d_fullres"
+    run_step(f"train_{trainer_name}", [nnunet_command("nnUNetv2_train"), str(dataset_id), configuration, "0",
                                        "-tr", f"{trainer_name}_amp", "-device", "cuda"],
              {**env, "nnUNet_n_proc_DA": "4"}, Path(env["nnUNet_results"]).parent / "logs", timeout=3600)
     fold = glob.glob(os.path.join(env["nnUNet_results"], "*", f"{trainer_name}_amp__*", "fold_0"))[0]
