@@ -44,11 +44,29 @@ BENCHMARK_ARCH_KWARGS = {
 }
 
 
-def benchmark_plan(patch_size, input_channels: int = 4, num_classes: int = 3):
-    """Return the benchmark NetworkPlan (the issue's plan; the patch size can be changed)."""
+# A second topology, as nnU-Net plans an anisotropic dataset (thick slices: prostate/cardiac MRI): in-plane
+# pooling first, 1x3x3 kernels at full resolution, 2 input channels. $NNUNETV2_MAMBA_BENCH_TOPOLOGY=anisotropic
+# selects it (the worker processes inherit it); patches must be multiples of (4, 16, 16).
+ANISOTROPIC_ARCH_KWARGS = {
+    **BENCHMARK_ARCH_KWARGS, "n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320],
+    "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "n_conv_per_stage": [2] * 5, "n_conv_per_stage_decoder": [2] * 4,
+}
+TOPOLOGIES = {"isotropic": (BENCHMARK_ARCH_KWARGS, 4, 3), "anisotropic": (ANISOTROPIC_ARCH_KWARGS, 2, 3)}
+TOPOLOGY_ENV_VAR = "NNUNETV2_MAMBA_BENCH_TOPOLOGY"
+
+
+def benchmark_plan(patch_size, input_channels: Optional[int] = None, num_classes: Optional[int] = None):
+    """Return the benchmark NetworkPlan (the issue's plan, or the anisotropic one; the patch size can change)."""
+    import os
+
     from nnunetv2_mamba.plans import NetworkPlan
 
-    return NetworkPlan.from_arch_kwargs(BENCHMARK_ARCH_KWARGS, patch_size, input_channels, num_classes)
+    topology = os.environ.get(TOPOLOGY_ENV_VAR, "isotropic")
+    if topology not in TOPOLOGIES:
+        raise SystemExit(f"${TOPOLOGY_ENV_VAR}={topology!r}: choose one of {sorted(TOPOLOGIES)}.")
+    arch_kwargs, channels, classes = TOPOLOGIES[topology]
+    return NetworkPlan.from_arch_kwargs(arch_kwargs, patch_size, input_channels or channels, num_classes or classes)
 
 
 def build_plain_conv_unet(plan, deep_supervision: bool) -> nn.Module:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,8 +66,7 @@ def check(names, patches, batch: int, steps: int, warmup: int) -> list:
     rows = []
     for name in names:
         family_estimator = estimator(name)
-        for edge in patches:
-            patch = (edge,) * 3
+        for patch in patches:
             estimate = family_estimator.estimate(benchmark_plan(patch), batch)
             row = {"network": name, "family": family_estimator.family, "patch_size": list(patch), "batch": batch,
                    "estimate_gib": estimate.peak_allocated_bytes / memory.GIB}
@@ -93,7 +93,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--derive", action="store_true", help="CPU: print the factors fitted to BENCHMARKS.md")
     parser.add_argument("--json", help="write the rows (or factors) here")
+    parser.add_argument("--topology", choices=("isotropic", "anisotropic"), default="isotropic",
+                        help="the benchmark plan (4 channels, 6 stages) or an anisotropic one (2 channels, 5 stages)")
+    parser.add_argument("--patch-sizes", nargs="*", help="patches as ZxYxX (instead of cubic --patches)")
     args = parser.parse_args(argv)
+    os.environ["NNUNETV2_MAMBA_BENCH_TOPOLOGY"] = args.topology  # read by benchmark_plan, here and in the workers
     names = args.networks or list(FAMILY_OF_BENCHMARK)
     unknown = sorted(set(names) - set(FAMILY_OF_BENCHMARK))
     if unknown:
@@ -103,12 +107,15 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("Measuring needs a CUDA GPU; on the CPU only --derive runs.")
-        rows = check(names, args.patches, args.batch, args.steps, args.warmup)
+        patches = ([tuple(int(v) for v in p.split("x")) for p in args.patch_sizes] if args.patch_sizes
+                   else [(edge,) * 3 for edge in args.patches])
+        rows = check(names, patches, args.batch, args.steps, args.warmup)
         errors = [abs(row["error_pct"]) for row in rows if "error_pct" in row]
         within = sum(error <= 15 for error in errors)
         print(f"\n{within}/{len(errors)} measurements within +-15 %"
               + (f"; largest error {max(errors):.1f} %" if errors else ""))
-        result = {"header": run_header(torch.device("cuda"), f"batch {args.batch}, fp16 AMP"), "rows": rows}
+        result = {"header": run_header(torch.device("cuda"), f"batch {args.batch}, fp16 AMP, {args.topology}"),
+                  "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
