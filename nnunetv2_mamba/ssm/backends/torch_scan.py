@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 # Elements of one (B, chunk, D, N) working tensor. About 8 such tensors live at once in the backward pass.
 # On the CPU the chunk is sized so that the forward's two working tensors (decay, states) stay in the last-level
-# cache: measured on 2 cores (32 MiB L3), one U-Mamba-Enc stage-0 scan ran fastest at 2**21 elements (8 MiB per
-# tensor), 1.4x faster than at 2**23 and 1.1x faster than at 2**20 (more, shorter Python steps).
+# cache: measured on 2 cores (32 MiB L3), a U-Mamba-Enc stage-0 scan forward ran fastest at 2**21 elements (8 MiB per
+# tensor), about 1.4x faster than at 2**23 and 1.1x faster than at 2**20 (more, shorter Python steps; BENCHMARKS.md).
 _DEFAULT_CHUNK_ELEMENTS_GPU = 2 ** 24
 _DEFAULT_CHUNK_ELEMENTS_CPU = 2 ** 21
 _MIN_CHUNK, _MAX_CHUNK = 16, 2 ** 16
