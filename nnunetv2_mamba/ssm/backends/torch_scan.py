@@ -13,6 +13,12 @@ the 16 positions of a block, run for all blocks together, then the same on the b
 Python loop over tokens and the work stays linear in the length. The backward pass recomputes each
 chunk's states from the saved chunk-start states instead of keeping the (B, D, L, N) state tensor, so
 training memory grows with L * D, not L * D * N.
+
+Layout: the working tensors are token-major, (batch, T, D, N). One step of the blocked recurrence then touches,
+per block, a contiguous run of D * N values (instead of N = 16 in a (batch, D, T, N) layout), which the CPU
+streams and vectorises far better; and the projections feeding the scan already store dt, B, C and z token-major
+(``(B, L, D)`` memory viewed as ``(B, D, L)``), so reading them costs no transposing copy. The output is returned
+as a ``(B, D, L)`` view of token-major memory, which is the layout ``out_proj`` wants next.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# Elements of one (B, D, chunk, N) working tensor. About 8 such tensors live at once in the backward
-# pass; 2**24 fp32 elements is 64 MiB each. Larger chunks mean fewer Python steps; measured on 2 CPU cores,
-# 2**23 ran about 2.5x faster than 2**20 (fewer, longer vectorised passes).
+# Elements of one (B, chunk, D, N) working tensor. About 8 such tensors live at once in the backward pass.
+# On the CPU the chunk is sized so that the forward's two working tensors (decay, states) stay in the last-level
+# cache: measured on 2 cores (32 MiB L3), a U-Mamba-Enc stage-0 scan forward ran fastest at 2**21 elements (8 MiB per
+# tensor), about 1.4x faster than at 2**23 and 1.1x faster than at 2**20 (more, shorter Python steps; BENCHMARKS.md).
 _DEFAULT_CHUNK_ELEMENTS_GPU = 2 ** 24
-_DEFAULT_CHUNK_ELEMENTS_CPU = 2 ** 23
+_DEFAULT_CHUNK_ELEMENTS_CPU = 2 ** 21
 _MIN_CHUNK, _MAX_CHUNK = 16, 2 ** 16
 # Positions per block of the blocked recurrence (see _linear_recurrence).
 _BLOCK = 16
@@ -53,62 +60,106 @@ def _linear_recurrence(decay: torch.Tensor, drive: torch.Tensor) -> torch.Tensor
     entering each block are solved the same way on the (T / _BLOCK) block ends, and one broadcast adds them
     back. Work is O(T) (a few passes over the tensors) and Python steps O(_BLOCK * log_BLOCK(T)). Only
     products of decays in [0, 1] and sums are formed, so nothing can overflow.
+
+    Each update is one fused multiply-add (``addcmul_``): one pass over the operands instead of two, and on the
+    CPU one rounding instead of two (tests/nnunetv2_mamba/ssm/test_scan.py checks the result is at least as close
+    to an fp64 reference as the multiply-then-add it replaced; docs/DECISIONS.md).
     """
     length = decay.shape[-2]
     if length <= _BLOCK:
         for t in range(1, length):
-            drive[..., t, :] += decay[..., t, :] * drive[..., t - 1, :]
+            drive[..., t, :].addcmul_(decay[..., t, :], drive[..., t - 1, :])
         return drive
     n_blocks = -(-length // _BLOCK)
     padding = n_blocks * _BLOCK - length
     if padding:  # padded positions: decay 1, drive 0; they come after the real ones and are dropped
         decay = F.pad(decay, (0, 0, 0, padding), value=1.0)
         drive = F.pad(drive, (0, 0, 0, padding), value=0.0)
-    lead, d_state = decay.shape[:-2], decay.shape[-1]
-    block_decay = decay.view(*lead, n_blocks, _BLOCK, d_state)
-    block_drive = drive.view(*lead, n_blocks, _BLOCK, d_state)
-    # One reused buffer for the products: no fresh allocation of 1/_BLOCK of the tensor per step. Multiply then
-    # add (not addcmul_, which fuses them on the CPU and rounds differently) keeps the results bit for bit.
-    product = torch.empty_like(block_drive[..., 0, :])
+    lead, width = decay.shape[:-2], decay.shape[-1]
+    block_decay = decay.view(*lead, n_blocks, _BLOCK, width)
+    block_drive = drive.view(*lead, n_blocks, _BLOCK, width)
     for t in range(1, _BLOCK):  # local states and cumulative decays inside every block
-        torch.mul(block_decay[..., t, :], block_drive[..., t - 1, :], out=product)
-        block_drive[..., t, :] += product
+        block_drive[..., t, :].addcmul_(block_decay[..., t, :], block_drive[..., t - 1, :])
         block_decay[..., t, :] *= block_decay[..., t - 1, :]
-    # State entering block k (k >= 1): H_k = D_{k-1} H_{k-1} + E_{k-1}, with D/E the block's total decay and
-    # local end state; H_0 = 0 (an initial state is already folded into drive_0 by the caller).
-    entering = _linear_recurrence(block_decay[..., :-1, -1, :].clone(), block_drive[..., :-1, -1, :].clone())
-    # decay is scratch (overwritten, see above): the product goes into it instead of a new full-size tensor.
-    block_drive[..., 1:, :, :] += block_decay[..., 1:, :, :].mul_(entering[..., :, None, :])
-    states = block_drive.view(*lead, n_blocks * _BLOCK, d_state)
+    # State at the end of block k: S_k = D_k S_{k-1} + E_k, with D/E the block's total decay and local end state
+    # (S_{-1} = 0: an initial state is already folded into drive_0 by the caller); block k >= 1 is entered with
+    # S_{k-1}. Solving for all n_blocks ends (the last one unused) keeps a power-of-two chunk free of padding.
+    entering = _linear_recurrence(block_decay[..., -1, :].clone(), block_drive[..., -1, :].clone())[..., :-1, :]
+    block_drive[..., 1:, :, :].addcmul_(block_decay[..., 1:, :, :], entering[..., :, None, :])
+    states = block_drive.view(*lead, n_blocks * _BLOCK, width)
     return states[..., :length, :] if padding else states
 
 
-def _expand_bc(mat: torch.Tensor, start: int, end: int, channels: int) -> torch.Tensor:
-    """Return B or C for tokens [start, end) as a tensor broadcastable to (batch, channels, T, N)."""
+def _bc_tokens(mat: torch.Tensor, start: int, end: int, channels: int) -> torch.Tensor:
+    """Return B or C for tokens [start, end) as a tensor broadcastable to (batch, T, channels, N)."""
     if mat.dim() == 2:  # (D, N): the same for every token
-        return mat[None, :, None, :]
+        return mat[None, None]
     if mat.dim() == 3:  # (batch, N, L): shared by all channels
-        return mat[:, None, :, start:end].transpose(-1, -2)
+        return mat[:, :, start:end].transpose(1, 2)[:, :, None, :]
     groups = mat.shape[1]  # (batch, G, N, L): shared by the channels of one group
-    per_group = mat[:, :, :, start:end].transpose(-1, -2)  # (batch, G, T, N)
-    return per_group.repeat_interleave(channels // groups, dim=1)
+    per_group = mat[:, :, :, start:end].permute(0, 3, 1, 2)  # (batch, T, G, N)
+    return per_group.repeat_interleave(channels // groups, dim=2)
 
 
 def _reduce_bc_grad(grad: torch.Tensor, mat: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
-    """Accumulate the gradient of an expanded B/C chunk (batch, D, T, N) into ``out`` (shaped like mat)."""
+    """Accumulate the gradient of an expanded B/C chunk (batch, T, D, N) into ``out`` (shaped like mat)."""
     if mat.dim() == 2:
-        out += grad.sum(dim=(0, 2))
+        out += grad.sum(dim=(0, 1))
     elif mat.dim() == 3:
-        out[:, :, start:end] += grad.sum(dim=1).transpose(-1, -2)
+        out[:, :, start:end] += grad.sum(dim=2).transpose(1, 2)
     else:
-        b, d, t, n = grad.shape
+        b, t, d, n = grad.shape
         groups = mat.shape[1]
-        out[:, :, :, start:end] += grad.view(b, groups, d // groups, t, n).sum(dim=2).transpose(-1, -2)
+        out[:, :, :, start:end] += grad.view(b, t, groups, d // groups, n).sum(dim=3).permute(0, 2, 3, 1)
 
 
 def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """fp64 if any input is fp64, else fp32: the state always accumulates in at least fp32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """Return the token-major (batch, L, D) view of a (batch, D, L) tensor (no copy)."""
+    return x.transpose(1, 2)
+
+
+def _decay_exponent(dt_t, A, start, end, out=None):
+    """Return dt * A of tokens [start, end) as a contiguous (batch, T, D, N) tensor (written into ``out`` if given)."""
+    dt_c = dt_t[:, start:end, :, None]
+    if out is None:
+        out = dt_t.new_empty(dt_c.shape[:3] + A.shape[1:])
+    return torch.mul(dt_c, A, out=out)
+
+
+def _chunk_states(u_t, dt_t, A, B, h0, start, end, decay=None, drive=None):
+    """Return the states h_t (batch, T, D, N) of tokens [start, end) given the state h0 (batch, D, N) before them.
+
+    ``u_t``, ``dt_t`` are token-major (batch, L, D). ``decay``, if given, holds exp(dt * A) of the chunk
+    (contiguous (batch, T, D, N)); ``drive`` is an optional contiguous buffer for the states (the forward reuses
+    two buffers for all chunks instead of allocating fresh ones per chunk). Both are overwritten: on return
+    ``decay`` holds scratch (cumulative decays) and the states live in ``drive``'s memory.
+    """
+    batch, _, channels = u_t.shape
+    shape = (batch, end - start, channels, A.shape[1])
+    if decay is None:  # contiguous whatever the inputs' layout: the recurrence views it as (batch, T, D * N)
+        decay = torch.exp(_decay_exponent(dt_t, A, start, end))
+    if drive is None:
+        drive = u_t.new_empty(shape)
+    dtu = (dt_t[:, start:end] * u_t[:, start:end])[..., None]
+    torch.mul(dtu, _bc_tokens(B, start, end, channels), out=drive)
+    drive[:, 0].addcmul_(decay[:, 0], h0)
+    batch, length, channels, d_state = drive.shape
+    states = _linear_recurrence(decay.view(batch, length, channels * d_state),
+                                drive.view(batch, length, channels * d_state))
+    return states.view(batch, length, channels, d_state)
+
+
+def _delta(delta, delta_bias, delta_softplus, dtype):
+    """Return (raw dt, dt) in ``dtype``: raw = delta + bias, dt = softplus(raw) if asked; layout of delta kept."""
+    raw = delta.to(dtype)
+    if delta_bias is not None:
+        raw = raw + delta_bias.to(dtype)[:, None]
+    return raw, (F.softplus(raw) if delta_softplus else raw)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -118,31 +169,35 @@ class _SelectiveScan(torch.autograd.Function):
         out_dtype = u.dtype
         with torch.autocast(device_type=u.device.type, enabled=False):
             uf, Af, Bf, Cf = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
-            dt = delta.to(dtype)
-            if delta_bias is not None:
-                dt = dt + delta_bias.to(dtype)[:, None]
-            if delta_softplus:
-                dt = F.softplus(dt)
+            _, dt = _delta(delta, delta_bias, delta_softplus, dtype)
+            u_t, dt_t = _tokens(uf), _tokens(dt)
             batch, channels, length = u.shape
             d_state = A.shape[1]
             state = uf.new_zeros(batch, channels, d_state)
             chunk_starts = []
-            y = torch.empty_like(uf)
+            y = uf.new_empty(batch, length, channels)  # token-major
+            # Two flat buffers reused by every chunk: a fresh allocation per chunk costs page faults on the CPU.
+            per_chunk = batch * min(chunk, length) * channels * d_state
+            decay_buffer, drive_buffer = uf.new_empty(per_chunk), uf.new_empty(per_chunk)
             for start in range(0, length, chunk):
                 end = min(start + chunk, length)
+                shape = (batch, end - start, channels, d_state)
+                size = shape[0] * shape[1] * shape[2] * shape[3]
                 chunk_starts.append(state)
-                states = _chunk_states(uf, dt, Af, Bf, state, start, end)
-                state = states[:, :, -1, :].clone()
-                # The states are not needed after this chunk (the backward recomputes them), so C is multiplied
-                # in place: one (B, D, T, N) temporary less per chunk.
-                y[:, :, start:end] = states.mul_(_expand_bc(Cf, start, end, channels)).sum(-1)
+                decay = _decay_exponent(dt_t, Af, start, end, out=decay_buffer[:size].view(shape)).exp_()
+                states = _chunk_states(u_t, dt_t, Af, Bf, state, start, end, decay=decay,
+                                       drive=drive_buffer[:size].view(shape))
+                state = states[:, -1].clone()
+                # The states are dead after this chunk (the backward recomputes them): C is multiplied in place.
+                torch.sum(states.mul_(_bc_tokens(Cf, start, end, channels)), dim=-1, out=y[:, start:end])
             if D is not None:
-                y = y + D.to(dtype)[:, None] * uf
-            out = y * F.silu(z.to(dtype)) if z is not None else y
+                y.addcmul_(u_t, D.to(dtype))
+            if z is not None:
+                y.mul_(F.silu(_tokens(z.to(dtype))))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(chunk_starts))
         ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
         ctx.mark_non_differentiable(state)
-        return out.to(out_dtype), state
+        return y.transpose(1, 2).to(out_dtype), state
 
     @staticmethod
     def backward(ctx, grad_out, _grad_state):
@@ -151,82 +206,75 @@ class _SelectiveScan(torch.autograd.Function):
         chunk = ctx.chunk
         with torch.autocast(device_type=u.device.type, enabled=False):
             uf, Af, Bf, Cf = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
-            raw_dt = delta.to(dtype)
-            if delta_bias is not None:
-                raw_dt = raw_dt + delta_bias.to(dtype)[:, None]
-            dt = F.softplus(raw_dt) if ctx.delta_softplus else raw_dt
-            gout = grad_out.to(dtype)
+            raw_dt, dt = _delta(delta, delta_bias, ctx.delta_softplus, dtype)
+            u_t, dt_t = _tokens(uf), _tokens(dt)
+            gout = _tokens(grad_out.to(dtype))
             batch, channels, length = u.shape
+            Df = D.to(dtype) if D is not None else None
 
-            gu = torch.zeros_like(uf)
-            gdt = torch.zeros_like(uf)
+            gu = uf.new_zeros(batch, length, channels)
+            gdt = uf.new_zeros(batch, length, channels)
             gA = torch.zeros_like(Af)
             gB = torch.zeros_like(Bf)
             gC = torch.zeros_like(Cf)
-            gz = torch.zeros_like(uf) if z is not None else None
-            gy_full = gout * F.silu(z.to(dtype)) if z is not None else gout
+            gz = uf.new_zeros(batch, length, channels) if z is not None else None
+            z_t = _tokens(z.to(dtype)) if z is not None else None
+            gy_full = gout * F.silu(z_t) if z is not None else gout
             carry = None  # d loss / d h_{start-1} contribution flowing from the later chunks
             n_chunks = chunk_starts.shape[0]
             for index in range(n_chunks - 1, -1, -1):
                 start = index * chunk
                 end = min(start + chunk, length)
                 h0 = chunk_starts[index]
-                dt_c, u_c = dt[:, :, start:end], uf[:, :, start:end]
-                decay = torch.exp(dt_c[..., None] * Af[None, :, None, :])  # (b, d, T, N)
-                B_c = _expand_bc(Bf, start, end, channels)
-                C_c = _expand_bc(Cf, start, end, channels)
-                states = _chunk_states(uf, dt, Af, Bf, h0, start, end, decay=decay.clone())
-                gy = gy_full[:, :, start:end]
+                dt_c, u_c = dt_t[:, start:end], u_t[:, start:end]
+                decay = _decay_exponent(dt_t, Af, start, end).exp_()  # (b, T, d, N), contiguous
+                B_c = _bc_tokens(Bf, start, end, channels)
+                C_c = _bc_tokens(Cf, start, end, channels)
+                states = _chunk_states(u_t, dt_t, Af, Bf, h0, start, end, decay=decay.clone())
+                gy = gy_full[:, start:end]
                 if z is not None:
-                    y_c = (states * C_c).sum(-1)
-                    if D is not None:
-                        y_c = y_c + D.to(dtype)[:, None] * u_c
-                    z_c = z[:, :, start:end].to(dtype)
+                    y_c = torch.linalg.vecdot(states, C_c)
+                    if Df is not None:
+                        y_c = y_c + Df * u_c
+                    z_c = z_t[:, start:end]
                     sig = torch.sigmoid(z_c)
-                    gz[:, :, start:end] = gout[:, :, start:end] * y_c * sig * (1 + z_c * (1 - sig))
+                    gz[:, start:end] = gout[:, start:end] * y_c * sig * (1 + z_c * (1 - sig))
                 # Reverse recurrence g_t = gy_t * C_t + decay_{t+1} * g_{t+1}, solved as a forward scan
                 # on the flipped chunk; the carry from the next chunk enters at the last position.
                 direct = gy[..., None] * C_c
                 if carry is not None:
-                    direct[:, :, -1, :] += carry
+                    direct[:, -1] += carry
                 shifted_decay = torch.zeros_like(decay)
-                shifted_decay[:, :, :-1, :] = decay[:, :, 1:, :]
-                g_states = _linear_recurrence(shifted_decay.flip(-2), direct.flip(-2).contiguous()).flip(-2)
-                carry = decay[:, :, 0, :] * g_states[:, :, 0, :]
+                shifted_decay[:, :-1] = decay[:, 1:]
+                width = channels * decay.shape[-1]
+                g_states = _linear_recurrence(shifted_decay.flip(1).view(batch, -1, width),
+                                              direct.flip(1).reshape(batch, -1, width)).view_as(decay).flip(1)
+                carry = decay[:, 0] * g_states[:, 0]
 
-                prev_states = torch.cat([h0[:, :, None, :], states[:, :, :-1, :]], dim=2)
+                prev_states = torch.cat([h0[:, None], states[:, :-1]], dim=1)
                 g_decay_term = g_states * decay * prev_states  # d loss / d (dt * A)
-                gdt[:, :, start:end] = (g_decay_term * Af[None, :, None, :]).sum(-1) + (
-                    g_states * B_c).sum(-1) * u_c
-                gA += (g_decay_term * dt_c[..., None]).sum(dim=(0, 2))
-                gu[:, :, start:end] = (g_states * B_c).sum(-1) * dt_c
+                g_states_b = torch.linalg.vecdot(g_states, B_c)
+                gdt[:, start:end] = torch.linalg.vecdot(g_decay_term, Af) + g_states_b * u_c
+                gA += (g_decay_term * dt_c[..., None]).sum(dim=(0, 1))
+                gu[:, start:end] = g_states_b * dt_c
                 _reduce_bc_grad(g_states * (dt_c * u_c)[..., None], B, gB, start, end)
                 _reduce_bc_grad(gy[..., None] * states, C, gC, start, end)
 
             gD = None
-            if D is not None:
-                gu = gu + D.to(dtype)[:, None] * gy_full
-                gD = (gy_full * uf).sum(dim=(0, 2))
+            if Df is not None:
+                gu = gu + Df * gy_full
+                gD = (gy_full * u_t).sum(dim=(0, 1))
             if ctx.delta_softplus:
-                gdt = gdt * torch.sigmoid(raw_dt)
-            g_delta_bias = gdt.sum(dim=(0, 2)) if delta_bias is not None else None
+                gdt = gdt * torch.sigmoid(_tokens(raw_dt))
+            g_delta_bias = gdt.sum(dim=(0, 1)) if delta_bias is not None else None
 
         def cast(grad, like):
             return None if grad is None or like is None else grad.to(like.dtype)
 
+        gu, gdt = gu.transpose(1, 2), gdt.transpose(1, 2)
+        gz = gz.transpose(1, 2) if gz is not None else None
         return (cast(gu, u), cast(gdt, delta), cast(gA, A), cast(gB, B), cast(gC, C), cast(gD, D), cast(gz, z),
                 cast(g_delta_bias, delta_bias), None, None)
-
-
-def _chunk_states(u, dt, A, B, h0, start, end, decay=None):
-    """Return the states h_t (batch, D, T, N) of tokens [start, end) given the state h0 before them."""
-    dt_c = dt[:, :, start:end]
-    if decay is None:  # exp in place: one (B, D, T, N) allocation instead of two
-        decay = torch.mul(dt_c[..., None], A[None, :, None, :]).exp_()
-    drive = (dt_c * u[:, :, start:end])[..., None] * _expand_bc(B, start, end, u.shape[1])
-    drive = drive.contiguous()
-    drive[:, :, 0, :] += decay[:, :, 0, :] * h0
-    return _linear_recurrence(decay, drive)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -236,4 +284,3 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     chunk = _chunk_length(batch, channels, A.shape[1], length, u.device)
     out, last_state = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk)
     return (out, last_state) if return_last_state else out
-
