@@ -563,7 +563,9 @@ def test_default_precision_gpu_training_has_no_nonfinite_step(trainer_name, amp_
     from tests.e2e.helpers import nnunet_command, run_step
 
     env, dataset_id = amp_datasets("video" if "Vivim" in trainer_name else "volume")
-    configuration = "3d_fullres_vivim" if "Vivim" in trainer_name else "3d_fullres"
+    # Vivim trains on the video configurations that `nnunetv2_mamba video plan` adds, one per mixer.
+    configuration = ("3d_fullres_vivim_v3" if trainer_name.endswith("VivimV3") else
+                     "3d_fullres_vivim" if "Vivim" in trainer_name else "3d_fullres")
     run_step(f"train_{trainer_name}", [nnunet_command("nnUNetv2_train"), str(dataset_id), configuration, "0",
                                        "-tr", f"{trainer_name}_amp", "-device", "cuda"],
              {**env, "nnUNet_n_proc_DA": "4"}, Path(env["nnUNet_results"]).parent / "logs", timeout=3600)
