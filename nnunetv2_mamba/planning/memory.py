@@ -11,10 +11,11 @@ The estimate has three parts (bytes):
   linear in the voxels of the patch) and multiplied by the batch. The network outputs (kept for the loss)
   are counted too.
 * **calibration**: a per-family factor turns the fp32 saved bytes into the peak allocated at fp16 AMP on the
-  GPU (half-precision activations, the scan kernel's own saved states -- mamba_ssm's fused path keeps
-  ``xz``, ``x_dbl`` and the conv state instead of what the torch backend saves -- and the transient gradient
-  buffers of the backward). It was fitted to the peaks of ``benchmarks/benchmark_networks.py`` (BENCHMARKS.md,
-  "Memory estimate"): ``factor = (measured peak - state) / activations`` at the 128^3 plan, batch 2.
+  GPU (half-precision activations, bf16 mixers, the scan kernel's own saved states -- mamba_ssm's fused path
+  keeps ``xz``, ``x_dbl`` and the conv state instead of what the torch backend saves -- and the transient
+  gradient buffers of the backward). It was fitted to peaks measured on the GPU (BENCHMARKS.md, "Memory
+  estimate"): per family the factor with the smallest worst relative error over three patch sizes of two
+  topologies (``benchmarks/fit_memory_factors.py``).
 
 To fit a GPU the planner adds a constant for the CUDA context and a fragmentation margin on top of the peak
 allocated (``needed_bytes``). Every term is non-negative and grows with the voxels and the batch, so the
@@ -40,10 +41,24 @@ CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 #: Reserved-but-unallocated blocks of the caching allocator, as a fraction of the peak allocated (not calibrated).
 FRAGMENTATION_MARGIN = 0.10
 
-#: Per-family factor: peak allocated activation memory at fp16 AMP on the GPU / fp32 saved bytes on the CPU.
-#: Fitted by ``benchmarks/calibrate_memory.py --derive`` to the 128^3 / batch-2 peaks in BENCHMARKS.md
-#: (H100/H200, mamba_ssm backend). Families without their own measurement use a measured sibling's factor.
+#: Per-family factor: peak allocated activation memory at fp16 AMP on the GPU / fp32 saved bytes on the CPU,
+#: with the Mamba mixers under the default bf16 policy (layers/precision.py). Fitted by
+#: ``benchmarks/fit_memory_factors.py`` to the peaks ``benchmarks/calibrate_memory.py`` measured on an H200
+#: (mamba_ssm backend, 2026-12-02) at three patch sizes of two topologies (BENCHMARKS.md, "Memory estimate"):
+#: the minimax factor over those points. Families marked in ``FP32_MIXER_ONLY`` were not re-measured under the
+#: bf16 policy and keep their fp32-mixer factor, which over-estimates them (SegMamba's fell by 25 %).
 CALIBRATION_FACTORS: Dict[str, float] = {
+    "PlainConvUNet": 0.5931, "U-Mamba-Enc": 0.5374, "U-Mamba-Bot": 0.5243, "LoG-VMamba": 0.6078,
+    "L-VMamba": 0.6027, "G-VMamba": 0.6013, "SegMamba": 0.5747,
+    # fp32-mixer factors (see FP32_MIXER_ONLY); MultiSegMamba's mixers follow fp16 autocast, unchanged.
+    "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
+    "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
+}
+#: Families whose default factor is still the fp32-mixer one (to re-measure under the bf16 policy).
+FP32_MIXER_ONLY = ("BiSegMamba", "SegMambaSkip", "Vivim", "Vivim (ST-Mamba v3)")
+#: Factors with the mixers in fp32 (``$NNUNETV2_MAMBA_MIXER_DTYPE=fp32``, GPUs without bf16): fitted to one
+#: point per family, the 128^3 / batch-2 peaks of 2026-11-23 (``calibrate_memory.py --derive``).
+FP32_MIXER_FACTORS: Dict[str, float] = {
     "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
     "SegMamba": 0.7703, "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
     "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
@@ -53,7 +68,7 @@ BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-V
 #: Used for a family with no calibration at all (logged): the largest measured factor, to err on the safe side.
 DEFAULT_FACTOR_FAMILY = "max"
 
-#: The peaks (GiB) the factors were fitted to: benchmarks/benchmark_networks.py, 128^3 plan, batch 2, fp16 AMP.
+#: The peaks (GiB) FP32_MIXER_FACTORS were fitted to: benchmark_networks.py, 128^3 plan, batch 2, fp16 AMP.
 MEASURED_PEAKS_GIB: Dict[str, float] = {
     "PlainConvUNet": 4.75, "U-Mamba-Enc": 20.06, "U-Mamba-Bot": 9.25, "LoG-VMamba": 7.14, "SegMamba": 21.54,
     "BiSegMamba": 31.05, "MultiSegMamba": 57.00, "SegMambaSkip": 30.72, "Vivim": 22.08,
@@ -159,14 +174,26 @@ def probe_activations(build: Callable, plan) -> ActivationProbe:
     return ActivationProbe(n_parameters, intercept, per_voxel)
 
 
+def _factors() -> Dict[str, float]:
+    """Return the factor table of the mixer policy the GPU will run (planning usually runs on a CPU).
+
+    The default assumes a GPU with bf16 (Ampere or newer); ``$NNUNETV2_MAMBA_MIXER_DTYPE=fp32`` plans for fp32
+    mixers (the references' policy, and what a GPU without bf16 runs).
+    """
+    from nnunetv2_mamba.layers.precision import requested_mixer_dtype
+
+    return FP32_MIXER_FACTORS if requested_mixer_dtype() == "fp32" else CALIBRATION_FACTORS
+
+
 def calibration_factor(family: str) -> float:
     """Return the fitted factor of a family (a measured sibling's, or the largest one, when it has none)."""
-    if family in CALIBRATION_FACTORS:
-        return CALIBRATION_FACTORS[family]
-    if BORROWED_FACTORS.get(family) in CALIBRATION_FACTORS:
-        return CALIBRATION_FACTORS[BORROWED_FACTORS[family]]
+    factors = _factors()
+    if family in factors:
+        return factors[family]
+    if BORROWED_FACTORS.get(family) in factors:
+        return factors[BORROWED_FACTORS[family]]
     logger.warning("No memory calibration for network family %r; using the largest calibrated factor.", family)
-    return max(CALIBRATION_FACTORS.values())
+    return max(factors.values())
 
 
 def estimate_from_probe(family: str, probe: ActivationProbe, patch_size: Sequence[int], batch_size: int,

@@ -77,22 +77,49 @@ def test_noamp_trainer_counts_fp32_activations(estimator):
     assert fp32_estimate.state_bytes == amp_estimate.state_bytes
 
 
-def test_every_measured_family_is_calibrated_and_borrowed_factors_resolve():
+def test_every_measured_family_is_calibrated_and_borrowed_factors_resolve(monkeypatch):
+    monkeypatch.delenv("NNUNETV2_MAMBA_MIXER_DTYPE", raising=False)
     for family in memory.MEASURED_PEAKS_GIB:
-        assert memory.CALIBRATION_FACTORS[family] > 0, family
-    assert memory.calibration_factor("L-VMamba") == memory.CALIBRATION_FACTORS["LoG-VMamba"]
+        assert memory.CALIBRATION_FACTORS[family] > 0 and memory.FP32_MIXER_FACTORS[family] > 0, family
+    assert memory.calibration_factor("L-VMamba") == memory.CALIBRATION_FACTORS["L-VMamba"]
     assert memory.calibration_factor("unknown family") == max(memory.CALIBRATION_FACTORS.values())
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "fp32")  # planning for fp32 mixers: the other table
+    assert memory.calibration_factor("L-VMamba") == memory.FP32_MIXER_FACTORS["LoG-VMamba"]
+    assert memory.calibration_factor("U-Mamba-Enc") == memory.FP32_MIXER_FACTORS["U-Mamba-Enc"]
 
 
-def test_calibration_reproduces_the_measured_benchmark_peak():
-    """The stored factor of U-Mamba-Bot gives back the BENCHMARKS.md peak at the 128^3 plan, batch 2."""
+def _benchmark_plan(patch, topology, monkeypatch):
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
-    from benchmark_networks import BENCHMARK_ARCH_KWARGS
+    from benchmark_networks import benchmark_plan
 
-    plan = NetworkPlan.from_arch_kwargs(BENCHMARK_ARCH_KWARGS, (128, 128, 128), 4, 3)
+    monkeypatch.setenv("NNUNETV2_MAMBA_BENCH_TOPOLOGY", topology)
+    return benchmark_plan(patch)
+
+
+def test_fp32_mixer_calibration_reproduces_the_measured_benchmark_peak(monkeypatch):
+    """With fp32 mixers the stored factor of U-Mamba-Bot gives back the 128^3 / batch-2 peak it was fitted to."""
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "fp32")
+    plan = _benchmark_plan((128, 128, 128), "isotropic", monkeypatch)
     estimate = memory.MemoryEstimator.for_trainer(nnUNetTrainerUMambaBot).estimate(plan, 2)
     assert estimate.peak_allocated_bytes / memory.GIB == pytest.approx(memory.MEASURED_PEAKS_GIB["U-Mamba-Bot"],
                                                                        rel=0.01)
+
+
+# Peaks measured on the H200 (benchmarks/results/2026-12-02-h200/calibration_*.log, batch 2, bf16 mixers).
+@pytest.mark.parametrize("trainer_name, topology, patch, measured_gib", [
+    ("nnUNetTrainerUMambaBot", "isotropic", (64, 64, 64), 1.41),
+    ("nnUNetTrainerUMambaBot", "anisotropic", (32, 256, 256), 10.82),
+    ("nnUNetTrainerUMambaEnc", "isotropic", (128, 128, 128), 14.82),
+    ("nnUNetTrainerUMambaEnc", "anisotropic", (16, 128, 128), 2.46),
+])
+def test_default_estimate_is_within_15_percent_of_gpu_peaks(trainer_name, topology, patch, measured_gib, monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.delenv("NNUNETV2_MAMBA_MIXER_DTYPE", raising=False)
+    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    plan = _benchmark_plan(patch, topology, monkeypatch)
+    estimate = memory.MemoryEstimator.for_trainer(trainer_class).estimate(plan, 2)
+    assert estimate.peak_allocated_bytes / memory.GIB == pytest.approx(measured_gib, rel=0.15)
