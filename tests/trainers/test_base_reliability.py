@@ -496,6 +496,46 @@ def test_same_prediction_with_two_thread_counts(killed_and_resumed, monkeypatch)
     assert all(value >= 0.99 for value in dice.values()), dice
 
 
+_PREDICT_WITH_BACKEND = """
+import sys
+import numpy as np
+import torch
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+model_folder, case, out = sys.argv[1:4]
+image, properties = SimpleITKIO().read_images([case])
+predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                            perform_everything_on_device=False, allow_tqdm=False)
+predictor.initialize_from_trained_model_folder(model_folder, use_folds=(0,))
+np.save(out, predictor.predict_single_npy_array(image, properties))
+"""
+
+
+def test_same_prediction_with_the_torch_and_the_triton_backend(killed_and_resumed, tmp_path):
+    """The model trained on the CPU predicts the same with the torch scan and with the Triton kernels (run by
+    Triton's interpreter on the CPU: the kernels' logic, as the GPU would run it). The backend is chosen at
+    prediction time, never stored in the checkpoint."""
+    import subprocess
+    import sys
+
+    model_folder = os.path.dirname(killed_and_resumed["fold_folder"])
+    case = sorted((killed_and_resumed["dataset_dir"] / "imagesTs").glob("*.nii.gz"))[0]
+    segmentations = []
+    for backend, interpret in (("torch", "0"), ("triton", "1")):
+        env = {**os.environ, "NNUNETV2_MAMBA_BACKEND": backend, "TRITON_INTERPRET": interpret,
+               "nnUNet_extTrainer": killed_and_resumed["env"]["nnUNet_extTrainer"] + os.pathsep +
+               os.environ.get("nnUNet_extTrainer", ""), "OMP_NUM_THREADS": "2"}
+        out = tmp_path / f"{backend}.npy"
+        done = subprocess.run([sys.executable, "-c", _PREDICT_WITH_BACKEND, model_folder, str(case), str(out)],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        segmentations.append(np.load(out))
+    assert segmentations[0].shape == segmentations[1].shape
+    dice = _dice_per_class(*segmentations, labels=(1, 2))
+    assert all(value >= 0.99 for value in dice.values()), dice
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU: every trainer at its default precision and nnU-Net's default plan; GPU-trained, CPU-predicted
 # ------------------------------------------------------------------------------------------------------------
