@@ -20,9 +20,10 @@ walks the sequence would fill only batch x channels multiprocessors). Forward, t
 3. ``_chunk_output_kernel``: each chunk rescanned from its entering state (associative scan over the tokens of
    a (channels, d_state, T) tile), y with the D skip and the z gate fused, written in u's dtype.
 
-The chunk-entering states (B, K + 1, D, N) in fp32 are all the backward pass keeps besides the inputs: for
-N = 16 and T = 64 they are a quarter of u's size, less than the ``out`` tensor mamba_ssm keeps for its
-backward. Backward, three launches with the same structure, run against time:
+The backward keeps nothing but the inputs (mamba_ssm keeps its output too): the chunk-entering states
+(B, K + 1, D, N) fp32 are as large as an fp32 copy of u at T = 16 and N = 16, so the backward recomputes them with
+launches 1 and 2 ($NNUNETV2_MAMBA_TRITON_SAVE_STATES=1 keeps them instead: a faster backward for that memory).
+Backward, three launches with the same structure, run against time:
 
 1. ``_chunk_adjoint_kernel``: the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} of each chunk from a zero end,
    reduced to what the chunk passes to the one before it: Q_k = sum_t exp(A * sum_{s<=t} delta_s) C_t dy_t.
@@ -492,6 +493,11 @@ class _Plan:
         self.warps = warps
 
 
+def _save_states() -> bool:
+    """Return whether the forward keeps the chunk-start states for the backward ($NNUNETV2_MAMBA_TRITON_SAVE_STATES)."""
+    return os.environ.get("NNUNETV2_MAMBA_TRITON_SAVE_STATES", "0") not in ("", "0")
+
+
 def _config(chunk, block_d, warps):
     forced = os.environ.get("NNUNETV2_MAMBA_TRITON_CHUNK")
     chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
@@ -504,6 +510,28 @@ def _token_strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> torch.Tensor:
+    """Return the states entering every chunk, (batch, K + 1, D, N) fp32; the last slot is the final state.
+
+    Two phases of the forward (chunk end states from zero, then the carry over the chunks). The backward calls it
+    again instead of keeping the result (see SelectiveScanTriton).
+    """
+    batch, channels, length = u.shape
+    d_state = A2.shape[1]
+    K = plan.n_chunks
+    b_var, _, sB = _bc_layout(B)
+    dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
+    ends = torch.empty(batch, K, channels, d_state, device=u.device, dtype=torch.float32)
+    _chunk_end_state_kernel[plan.grid](
+        u, *_token_strides(u), delta, *_token_strides(delta), A2 if delta_bias is None else delta_bias, A2,
+        B, *sB, ends, dtsum, channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+        B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N=d_state, N_PAD=plan.d_state_padded,
+        T=plan.chunk, BLOCK_D=plan.block_d, num_warps=plan.warps)
+    starts = torch.empty(batch, K + 1, channels, d_state, device=u.device, dtype=torch.float32)
+    _carry(ends, dtsum, A2, starts, forward=True)
+    return starts
+
+
 def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, keep_states: bool):
     batch, channels, length = u.shape
     d_state = A2.shape[1]
@@ -513,17 +541,7 @@ def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, k
     dummy = A2  # any valid pointer for absent optional tensors
     common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
                   num_warps=plan.warps)
-    dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
-    starts = None
-    if K > 1 or keep_states:
-        ends = torch.empty(batch, K, channels, d_state, device=u.device, dtype=torch.float32)
-        _chunk_end_state_kernel[plan.grid](
-            u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
-            B, *sB, ends, dtsum, channels, length, K, plan.channels_per_group, plan.blocks_per_program,
-            B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, **common)
-        starts = torch.empty(batch, K + 1, channels, d_state, device=u.device, dtype=torch.float32)
-        _carry(ends, dtsum, A2, starts, forward=True)
-        del ends
+    starts = _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan) if K > 1 or keep_states else None
     out = torch.empty(batch, channels, length, device=u.device, dtype=u.dtype)
     _chunk_output_kernel[plan.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
@@ -574,7 +592,12 @@ class SelectiveScanTriton(torch.autograd.Function):
             out, starts = _scan_forward(u, delta, A2, B, C, D_skip, z, bias, delta_softplus, plan,
                                         keep_states=True)
         last_state = starts[:, -1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, bias, starts)
+        # The chunk-start states are (batch, K + 1, D, N) fp32: at 16 tokens per chunk and N = 16 as large as an
+        # fp32 copy of u, twice a bf16 one, far more than mamba_ssm keeps. By default the backward recomputes them
+        # (two of the forward's three launches) instead; $NNUNETV2_MAMBA_TRITON_SAVE_STATES=1 keeps them.
+        saved_states = starts if _save_states() else None
+        del starts
+        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, bias, saved_states)
         ctx.plan, ctx.delta_softplus, ctx.groups = plan, delta_softplus, groups
         ctx.mark_non_differentiable(last_state)
         return out, last_state
@@ -597,6 +620,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         z_strides = _token_strides(z) if z is not None else (0, 0, 0)
         dev = u.device
         with torch.autocast(device_type=dev.type, enabled=False):
+            if starts is None:
+                starts = _chunk_start_states(u, delta, A2, B, delta_bias, ctx.delta_softplus, plan)
             # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
             dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
             adj = torch.empty(batch, K, channels, d_state, device=dev, dtype=torch.float32)

@@ -62,9 +62,43 @@ def run_case(length, bc, batch, channels, with_optional, softplus):
     return errors
 
 
+def saved_states_case():
+    """Return what the scan saves for its backward beyond its inputs, with the chunk states recomputed (default)
+    and kept ($NNUNETV2_MAMBA_TRITON_SAVE_STATES=1), and the largest gradient difference between the two."""
+    import torch
+
+    from nnunetv2_mamba.ssm import selective_scan
+    from tests.nnunetv2_mamba.ssm.test_scan import make_inputs
+
+    inputs = make_inputs(batch=2, channels=4, d_state=4, length=3 * CHUNK - 1, bc="shared", dtype=torch.float32,
+                         seed=3, with_d=True, with_z=True, with_bias=True)
+    result, grads = {}, {}
+    for mode, flag in (("recomputed", "0"), ("kept", "1")):
+        os.environ["NNUNETV2_MAMBA_TRITON_SAVE_STATES"] = flag
+        leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+        input_storages = {t.untyped_storage().data_ptr() for t in leaves if t is not None}
+        extra = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in input_storages:
+                extra[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = selective_scan(*leaves, delta_softplus=True, backend="triton")
+        grads[mode] = torch.autograd.grad(out.sum(), [t for t in leaves if t is not None])
+        result[f"extra_saved_bytes_{mode}"] = sum(extra.values())
+    batch, channels, length = inputs[0].shape
+    result["chunk_states_bytes"] = batch * (-(-length // CHUNK) + 1) * channels * inputs[2].shape[1] * 4
+    result["max_grad_difference"] = max((a - b).abs().max().item() for a, b in zip(grads["recomputed"], grads["kept"]))
+    return result
+
+
 def main():
     for case in CASES:
         print(json.dumps(run_case(*case)), flush=True)
+    print(json.dumps(saved_states_case()), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +112,7 @@ def interpreted_results():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == len(CASES), done.stdout[-2000:]
+    assert len(lines) == len(CASES) + 1, done.stdout[-2000:]
     return lines
 
 
@@ -89,6 +123,15 @@ def test_interpreted_kernels_match_fp64_reference(interpreted_results, index):
     assert set(errors) >= {"out", "last_state", "grad_u", "grad_delta", "grad_A", "grad_B", "grad_C"}
     bad = {name: value for name, value in errors.items() if not value < 2e-5}  # fp32 kernels: ~1e-7 expected
     assert not bad, f"case {CASE_IDS[index]}: errors above 2e-5: {bad}"
+
+
+def test_backward_recomputes_the_chunk_states_instead_of_saving_them(interpreted_results):
+    """The scan saves nothing for its backward beyond its inputs (mamba_ssm keeps its output as well); keeping the
+    chunk states is opt-in and gives the same gradients."""
+    saved = interpreted_results[len(CASES)]
+    assert saved["extra_saved_bytes_recomputed"] == 0, saved
+    assert saved["extra_saved_bytes_kept"] == saved["chunk_states_bytes"] > 0, saved
+    assert saved["max_grad_difference"] < 1e-6, saved
 
 
 def test_backend_is_unavailable_for_cpu_tensors_without_the_interpreter():

@@ -85,6 +85,19 @@ def test_full_volume_length_small_channels():
     check(1, 4, 128 ** 3, "shared", torch.float32)
 
 
+def test_recomputed_and_kept_chunk_states_give_the_same_gradients(monkeypatch):
+    """The default backward recomputes the chunk-start states; keeping them is the opt-in alternative."""
+    inputs = make_cuda_inputs(2, 64, 16, 65536 + 3, "shared", torch.bfloat16, 0)
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_SAVE_STATES", flag)
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+        out = selective_scan(*leaves, delta_softplus=True, backend="triton")
+        grads[flag] = torch.autograd.grad(out.float().square().sum(), [t for t in leaves if t is not None])
+    for recomputed, kept in zip(grads["0"], grads["1"]):
+        assert torch.equal(recomputed, kept) or torch.allclose(recomputed.float(), kept.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_output_dtypes_follow_inputs():
     inputs = make_cuda_inputs(1, 4, 16, 100, "shared", torch.bfloat16, 0)
     leaves = [t.requires_grad_() if t is not None else None for t in inputs]
