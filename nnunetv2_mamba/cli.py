@@ -105,6 +105,29 @@ def _check_devices_and_backends(report: Report) -> None:
         report.problem(str(error), f"unset {BACKEND_ENV_VAR} or install the requested backend")
     if device == "cuda" and select_backend(probe_u, probe_a).name == "torch" and not forced:
         report.note("only the pure-PyTorch scan is usable on this GPU: install mamba-ssm for full speed")
+    _check_mixer_precision(report, device)
+
+
+def _check_mixer_precision(report: Report, device: str) -> None:
+    """Report the dtype the Mamba mixers train in under nnU-Net's AMP here (ARCHITECTURES.md §0.6)."""
+    import torch
+
+    from nnunetv2_mamba.layers.precision import MIXER_DTYPE_ENV_VAR, mixer_dtype
+
+    report.section("Mamba mixer precision")
+    try:
+        dtype = mixer_dtype(device, autocast_enabled=device == "cuda")
+    except ValueError as error:
+        report.problem(str(error), f"unset {MIXER_DTYPE_ENV_VAR} or set it to auto, fp32 or bf16")
+        return
+    if device != "cuda":
+        report.ok("fp32 (nnU-Net trains without autocast on the CPU)")
+    elif dtype is torch.bfloat16:
+        report.ok(f"bf16 autocast under nnU-Net's fp16 AMP (LayerNorm and scan state in fp32; "
+                  f"{MIXER_DTYPE_ENV_VAR}=fp32 for the published fp32 mixers)")
+    else:
+        report.ok("fp32 with autocast off (this GPU has no bf16, or "
+                  f"{MIXER_DTYPE_ENV_VAR}=fp32)")
 
 
 _LOOKUP_SNIPPET = (

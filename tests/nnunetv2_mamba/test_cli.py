@@ -59,6 +59,18 @@ def test_doctor_reports_a_forced_unavailable_backend(monkeypatch, capsys):
     assert "[FAIL] Selective-scan backend 'mamba_ssm' was requested" in out
 
 
+def test_doctor_reports_the_mixer_precision_and_a_bad_setting(monkeypatch, capsys):
+    monkeypatch.delenv("NNUNETV2_MAMBA_MIXER_DTYPE", raising=False)
+    cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert "Mamba mixer precision" in out and "fp32 (nnU-Net trains without autocast on the CPU)" in out
+    monkeypatch.setenv("NNUNETV2_MAMBA_MIXER_DTYPE", "fp16")
+    code = cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] $NNUNETV2_MAMBA_MIXER_DTYPE='fp16' is not a mixer precision" in out
+
+
 def test_console_script_is_installed_and_reports_bad_arguments():
     completed = subprocess.run([sys.executable, "-m", "nnunetv2_mamba.cli", "demo", "--epochs", "0"],
                                capture_output=True, text=True)
