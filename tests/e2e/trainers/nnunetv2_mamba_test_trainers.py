@@ -59,3 +59,44 @@ def _make_amp_run(base: type) -> type:
 
 for _name, _cls in concrete_trainers():
     globals()[f"{_name}_amp"] = _make_amp_run(_cls)
+
+
+def _make_memory_check(base: type) -> type:
+    """``<Trainer>_memcheck``: 20 training steps with the process's GPU memory capped at
+    $NNUNETV2_MAMBA_TEST_GPU_MEMORY_GB (``torch.cuda.set_per_process_memory_fraction``), no final validation;
+    writes the peak allocated/reserved memory to ``memory_check.json`` in the fold folder (issue 15's check that a
+    plan made for that budget trains within it)."""
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 20, 1
+
+    def on_train_start(self):
+        budget_gib = float(os.environ["NNUNETV2_MAMBA_TEST_GPU_MEMORY_GB"])
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2 ** 30 / total), self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base.on_train_start(self)
+
+    def on_train_end(self):
+        import json
+
+        record = {"budget_gib": float(os.environ["NNUNETV2_MAMBA_TEST_GPU_MEMORY_GB"]),
+                  "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
+                  "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2 ** 30,
+                  "patch_size": list(self.configuration_manager.patch_size),
+                  "batch_size": self.configuration_manager.batch_size}
+        with open(os.path.join(self.output_folder, "memory_check.json"), "w") as handle:
+            json.dump(record, handle)
+        base.on_train_end(self)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("Validation skipped (test trainer)")
+
+    return type(f"{base.__name__}_memcheck", (base,), {
+        "__init__": __init__, "__module__": __name__, "on_train_start": on_train_start,
+        "on_train_end": on_train_end, "perform_actual_validation": perform_actual_validation})
+
+
+for _name, _cls in concrete_trainers():
+    globals()[f"{_name}_memcheck"] = _make_memory_check(_cls)

@@ -1,0 +1,83 @@
+"""GPU (issue 15): plans made for 24 and 40 GB train 20 fp16-AMP steps within that memory, one trainer per family.
+
+For every 3D network family: ``nnunetv2_mamba plan --gpu-memory 24`` and ``40`` on a dataset of large volumes
+(so that nnU-Net's median-shape cap does not stop the patch from growing), then 20 steps of
+``nnUNetv2_train -tr <Trainer>_memcheck -p <plans>`` with the process's GPU memory capped at the budget
+(``torch.cuda.set_per_process_memory_fraction``, tests/e2e/trainers). The recipe variants of a family
+(NNUNetRecipe, PeriodicLR, PaperRecipe) build the same network from the same plan, so one trainer per family
+stands for them; Vivim plans video configurations and is not planned by ``nnunetv2_mamba plan``.
+
+The preprocessed data of every plan is nnU-Net's default one (same spacing, normalisation and cropping; only patch
+and batch differ), so the test links it instead of running ``nnUNetv2_preprocess`` once per plan.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
+
+DATASET_ID = 984
+BUDGETS_GB = (24, 40)
+FAMILY_TRAINERS = ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerLoGVMamba",
+                   "nnUNetTrainerSegMamba", "nnUNetTrainerBiSegMamba", "nnUNetTrainerSegMambaSkip",
+                   "nnUNetTrainerMultiSegMamba"]
+
+
+@pytest.fixture(scope="module")
+def large_dataset(tmp_path_factory):
+    from nnunetv2_mamba.data.synthetic import make_synthetic_dataset
+    from tests.e2e.helpers import nnunet_command, nnunet_env, run_step
+
+    root = tmp_path_factory.mktemp("plan_gpu")
+    env = nnunet_env(root)
+    make_synthetic_dataset(Path(env["nnUNet_raw"]), DATASET_ID, shape=(288, 288, 288), n_train=4, n_test=0)
+    run_step("plan_and_preprocess", [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
+                                     "-c", "3d_fullres", "-np", "8"], env, root / "logs", timeout=1800)
+    return root, env
+
+
+def _plan_and_train(trainer_name, budget_gb, root, env):
+    from tests.e2e.helpers import nnunet_command, run_step
+
+    plans_name = f"test_{trainer_name}_{budget_gb}G"
+    run_step(f"plan_{plans_name}", [sys.executable, "-m", "nnunetv2_mamba.cli", "plan", "-d", str(DATASET_ID),
+                                    "-tr", trainer_name, "--gpu-memory", str(budget_gb), "-c", "3d_fullres",
+                                    "--plans-name", plans_name], env, root / "logs")
+    preprocessed = next(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{DATASET_ID}_*"))
+    plans = json.loads((preprocessed / f"{plans_name}.json").read_text())
+    configuration = plans["configurations"]["3d_fullres"]
+    data = preprocessed / configuration["data_identifier"]
+    if not data.exists():  # same preprocessing as nnU-Net's default plans (see the module docstring)
+        os.symlink(preprocessed / "nnUNetPlans_3d_fullres", data)
+    run_step(f"train_{plans_name}", [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr",
+                                     f"{trainer_name}_memcheck", "-p", plans_name, "-device", "cuda"],
+             {**env, "NNUNETV2_MAMBA_TEST_GPU_MEMORY_GB": str(budget_gb), "nnUNet_n_proc_DA": "6"},
+             root / "logs", timeout=1800)
+    fold = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*/{trainer_name}_memcheck__{plans_name}__"
+                                                 "3d_fullres/fold_0"))
+    record = json.loads((fold / "memory_check.json").read_text())
+    record["estimate"] = plans["nnunetv2_mamba_memory"]["estimates"]["3d_fullres"]
+    return record
+
+
+@pytest.mark.parametrize("trainer_name", FAMILY_TRAINERS)
+def test_24_and_40_gb_plans_train_within_their_budget(trainer_name, large_dataset):
+    root, env = large_dataset
+    records = {budget: _plan_and_train(trainer_name, budget, root, env) for budget in BUDGETS_GB}
+    for budget, record in records.items():
+        print(f"{trainer_name} {budget} GB: patch {record['patch_size']} batch {record['batch_size']}, peak "
+              f"allocated {record['peak_allocated_gib']:.2f} GiB (estimate {record['estimate']['peak_allocated_gib']}"
+              f" GiB), reserved {record['peak_reserved_gib']:.2f} GiB")
+        assert record["peak_reserved_gib"] <= budget  # the cap would have raised out-of-memory otherwise
+
+    def voxels_times_batch(record):
+        product = record["batch_size"]
+        for edge in record["patch_size"]:
+            product *= edge
+        return product
+
+    assert voxels_times_batch(records[40]) > voxels_times_batch(records[24]), records
