@@ -34,7 +34,7 @@ def large_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("plan_gpu")
     env = nnunet_env(root)
-    make_synthetic_dataset(Path(env["nnUNet_raw"]), DATASET_ID, shape=(288, 288, 288), n_train=4, n_test=0)
+    make_synthetic_dataset(Path(env["nnUNet_raw"]), DATASET_ID, shape=(288, 288, 288), n_train=5, n_test=0)
     run_step("plan_and_preprocess", [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
                                      "-c", "3d_fullres", "-np", "8"], env, root / "logs", timeout=1800)
     return root, env
