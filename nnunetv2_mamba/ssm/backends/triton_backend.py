@@ -56,6 +56,14 @@ class TritonBackend(ScanBackend):
                     "Use backend='mamba_ssm' or 'torch'.")
         return None
 
+    def fused_mamba_inner(self):
+        # Opt-in until measured on the GPU (benchmarks/TRITON_NOTES.md): the layer's inner part as one Function that
+        # keeps only xz and the weights (triton_layer.py).
+        if os.environ.get("NNUNETV2_MAMBA_TRITON_FUSED", "0") in ("", "0"):
+            return None
+        from nnunetv2_mamba.ssm.backends.triton_layer import mamba_inner_triton
+        return mamba_inner_triton
+
     def scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              return_last_state=False):
         selective_scan_triton, _ = _import_triton_scan()

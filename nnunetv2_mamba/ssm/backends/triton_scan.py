@@ -581,9 +581,7 @@ def _carry(local, dtsum, A2, out, forward: bool):
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, warps):
-        batch, channels, length = u.shape
-        groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
-        plan = _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps))
+        plan, groups = make_plan(u, A, B, C, chunk, block_d, warps)
         A2 = (A.detach().float() * LOG2E).contiguous()
         # The kernels index D and delta_bias with unit stride.
         D_skip = None if D is None else D.contiguous()
@@ -605,76 +603,99 @@ class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_state):
         u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        batch, channels, length = u.shape
-        d_state = A.shape[1]
-        K = plan.n_chunks
-        A2 = (A.float() * LOG2E).contiguous()
-        b_var, _, sB = _bc_layout(B)
-        groups = ctx.groups
-        c_var, _, sC = _bc_layout(C)
-        dummy = A2
-        common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
-                      num_warps=plan.warps)
-        bias = dummy if delta_bias is None else delta_bias
-        z_strides = _token_strides(z) if z is not None else (0, 0, 0)
-        dev = u.device
-        with torch.autocast(device_type=dev.type, enabled=False):
-            if starts is None:
-                starts = _chunk_start_states(u, delta, A2, B, delta_bias, ctx.delta_softplus, plan)
-            # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
-            dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
-            adj = torch.empty(batch, K, channels, d_state, device=dev, dtype=torch.float32)
-            _chunk_adjoint_kernel[plan.grid](
-                grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
-                dummy if z is None else z, *z_strides, adj, dtsum,
-                channels, length, K, plan.channels_per_group, plan.blocks_per_program,
-                C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
-                HAS_Z=z is not None, **common)
-            carries = torch.empty(batch, K + 1, channels, d_state, device=dev, dtype=torch.float32)
-            _carry(adj, dtsum, A2, carries, forward=False)
-            del adj
+        grads = scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.plan, ctx.groups,
+                              grad_out, starts)
+        return grads + (None, None, None, None)
 
-            du = torch.empty(batch, channels, length, device=dev, dtype=u.dtype)
-            ddelta = torch.empty(batch, channels, length, device=dev, dtype=delta.dtype)
-            dz = torch.empty(batch, channels, length, device=dev, dtype=z.dtype) if z is not None else None
-            partial_dn = torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
 
-            def bc_grad_buffer(mat, variable):
-                if variable:  # one slice per group even for a shared B/C next to a grouped C/B: summed below
-                    alloc = torch.zeros if plan.atomic else torch.empty
-                    return alloc(batch, groups, d_state, length, device=dev, dtype=torch.float32)
-                return torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+def make_plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk=None, block_d=None,
+              warps=None):
+    """Return (launch plan, B/C groups) of a scan of u (batch, D, L) with these B and C."""
+    batch, channels, length = u.shape
+    groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
+    return _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps)), groups
 
-            dB_buf, dC_buf = bc_grad_buffer(B, b_var), bc_grad_buffer(C, c_var)
-            dD_part = torch.empty(batch * K, channels, device=dev, dtype=torch.float32) if D is not None else None
-            dbias_part = (torch.empty(batch * K, channels, device=dev, dtype=torch.float32)
-                          if delta_bias is not None else None)
-            _chunk_grad_kernel[plan.grid](
-                u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
-                dummy if D is None else D, dummy if z is None else z, *z_strides,
-                grad_out, *_token_strides(grad_out), starts, carries,
-                du, ddelta, dummy if dz is None else dz, dB_buf, dC_buf, partial_dn,
-                dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
-                channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
-                B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=ctx.delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
-                BC_ATOMIC=plan.atomic, **common)
 
-            dA = partial_dn.sum(0)
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan) -> torch.Tensor:
+    """Return the scan output alone (no autograd; nothing kept): the forward of a caller's own Function."""
+    A2 = (A.detach().float() * LOG2E).contiguous()
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        out, _ = _scan_forward(u, delta, A2, B, C, D, z, delta_bias, delta_softplus, plan, keep_states=False)
+    return out
 
-            def bc_grad(buf, mat, variable):
-                if not variable:
-                    return buf.sum(0).to(mat.dtype)
-                if mat.dim() == 3:
-                    buf = buf[:, 0] if groups == 1 else buf.sum(1)
-                return buf.to(mat.dtype)
 
-            dB = bc_grad(dB_buf, B, b_var)
-            dC = bc_grad(dC_buf, C, c_var)
-            dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-            dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-        return (du, ddelta, dA.to(A.dtype), dB, dC, dD, dz, dbias, None, None, None, None)
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan, groups: int, grad_out,
+                  starts: Optional[torch.Tensor] = None):
+    """Return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of a scan; the chunk-start states are recomputed
+    unless given. D and delta_bias must have unit stride."""
+    batch, channels, length = u.shape
+    d_state = A.shape[1]
+    K = plan.n_chunks
+    A2 = (A.float() * LOG2E).contiguous()
+    b_var, _, sB = _bc_layout(B)
+    c_var, _, sC = _bc_layout(C)
+    dummy = A2
+    common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
+                  num_warps=plan.warps)
+    bias = dummy if delta_bias is None else delta_bias
+    z_strides = _token_strides(z) if z is not None else (0, 0, 0)
+    dev = u.device
+    with torch.autocast(device_type=dev.type, enabled=False):
+        if starts is None:
+            starts = _chunk_start_states(u, delta, A2, B, delta_bias, delta_softplus, plan)
+        # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
+        dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
+        adj = torch.empty(batch, K, channels, d_state, device=dev, dtype=torch.float32)
+        _chunk_adjoint_kernel[plan.grid](
+            grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
+            dummy if z is None else z, *z_strides, adj, dtsum,
+            channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+            C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_Z=z is not None, **common)
+        carries = torch.empty(batch, K + 1, channels, d_state, device=dev, dtype=torch.float32)
+        _carry(adj, dtsum, A2, carries, forward=False)
+        del adj
+
+        du = torch.empty(batch, channels, length, device=dev, dtype=u.dtype)
+        ddelta = torch.empty(batch, channels, length, device=dev, dtype=delta.dtype)
+        dz = torch.empty(batch, channels, length, device=dev, dtype=z.dtype) if z is not None else None
+        partial_dn = torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+
+        def bc_grad_buffer(mat, variable):
+            if variable:  # one slice per group even for a shared B/C next to a grouped C/B: summed below
+                alloc = torch.zeros if plan.atomic else torch.empty
+                return alloc(batch, groups, d_state, length, device=dev, dtype=torch.float32)
+            return torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+
+        dB_buf, dC_buf = bc_grad_buffer(B, b_var), bc_grad_buffer(C, c_var)
+        dD_part = torch.empty(batch * K, channels, device=dev, dtype=torch.float32) if D is not None else None
+        dbias_part = (torch.empty(batch * K, channels, device=dev, dtype=torch.float32)
+                      if delta_bias is not None else None)
+        _chunk_grad_kernel[plan.grid](
+            u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
+            dummy if D is None else D, dummy if z is None else z, *z_strides,
+            grad_out, *_token_strides(grad_out), starts, carries,
+            du, ddelta, dummy if dz is None else dz, dB_buf, dC_buf, partial_dn,
+            dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
+            channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
+            B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
+            BC_ATOMIC=plan.atomic, **common)
+
+        dA = partial_dn.sum(0)
+
+        def bc_grad(buf, mat, variable):
+            if not variable:
+                return buf.sum(0).to(mat.dtype)
+            if mat.dim() == 3:
+                buf = buf[:, 0] if groups == 1 else buf.sum(1)
+            return buf.to(mat.dtype)
+
+        dB = bc_grad(dB_buf, B, b_var)
+        dC = bc_grad(dC_buf, C, c_var)
+        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA.to(A.dtype), dB, dC, dD, dz, dbias
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

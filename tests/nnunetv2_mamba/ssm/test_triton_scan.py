@@ -95,10 +95,47 @@ def saved_states_case():
     return result
 
 
+def fused_layer_case():
+    """Return the largest differences between the Mamba layer on the Triton backend with the fused inner Function
+    ($NNUNETV2_MAMBA_TRITON_FUSED=1) and the unfused path, and the bytes each keeps for the backward."""
+    import torch
+
+    from nnunetv2_mamba.layers import Mamba
+
+    torch.manual_seed(0)
+    layer = Mamba(d_model=8, d_state=4, backend="triton")
+    tokens = torch.randn(2, 3 * CHUNK - 1, 8, generator=torch.Generator().manual_seed(2))
+    results, grads, outputs = {}, {}, {}
+    for mode, flag in (("unfused", "0"), ("fused", "1")):
+        os.environ["NNUNETV2_MAMBA_TRITON_FUSED"] = flag
+        layer.zero_grad(set_to_none=True)
+        x = tokens.clone().requires_grad_()
+        parameter_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameter_storages and storage.data_ptr() != x.untyped_storage().data_ptr():
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = layer(x)
+        out.square().sum().backward()
+        outputs[mode] = out.detach()
+        grads[mode] = [x.grad] + [p.grad for p in layer.parameters()]
+        results[f"saved_bytes_{mode}"] = sum(saved.values())
+    results["max_output_difference"] = (outputs["fused"] - outputs["unfused"]).abs().max().item()
+    results["max_grad_difference"] = max((a - b).abs().max().item() for a, b in zip(grads["fused"], grads["unfused"]))
+    results["grads_present"] = all(g is not None for g in grads["fused"])
+    return results
+
+
 def main():
     for case in CASES:
         print(json.dumps(run_case(*case)), flush=True)
     print(json.dumps(saved_states_case()), flush=True)
+    print(json.dumps(fused_layer_case()), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +149,7 @@ def interpreted_results():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == len(CASES) + 1, done.stdout[-2000:]
+    assert len(lines) == len(CASES) + 2, done.stdout[-2000:]
     return lines
 
 
@@ -132,6 +169,15 @@ def test_backward_recomputes_the_chunk_states_instead_of_saving_them(interpreted
     assert saved["extra_saved_bytes_recomputed"] == 0, saved
     assert saved["extra_saved_bytes_kept"] == saved["chunk_states_bytes"] > 0, saved
     assert saved["max_grad_difference"] < 1e-6, saved
+
+
+def test_fused_mamba_layer_matches_the_unfused_path_and_keeps_less(interpreted_results):
+    """$NNUNETV2_MAMBA_TRITON_FUSED=1: the layer's inner part as one Function (triton_layer.py) gives the unfused
+    path's output and every gradient, and keeps less for the backward (xz and out_proj's input only)."""
+    fused = interpreted_results[len(CASES) + 1]
+    assert fused["grads_present"], fused
+    assert fused["max_output_difference"] < 1e-6 and fused["max_grad_difference"] < 1e-5, fused
+    assert fused["saved_bytes_fused"] < 0.6 * fused["saved_bytes_unfused"], fused
 
 
 def test_backend_is_unavailable_for_cpu_tensors_without_the_interpreter():

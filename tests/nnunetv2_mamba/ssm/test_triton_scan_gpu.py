@@ -127,3 +127,31 @@ def test_mamba_layer_on_triton_matches_mamba_ssm_layer():
     for name, grad in grads_m.items():
         scale = grad.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(grads_t[name] / scale, grad / scale, rtol=6e-4, atol=2e-3, msg=name)
+
+
+def test_fused_triton_layer_matches_unfused_under_bf16_autocast(monkeypatch):
+    """$NNUNETV2_MAMBA_TRITON_FUSED=1 (triton_layer.py) against the unfused layer path, as the networks run it."""
+    from nnunetv2_mamba.layers import Mamba
+
+    torch.manual_seed(0)
+    layer = Mamba(d_model=32, d_state=16, backend="triton").cuda()
+    tokens = torch.randn(2, 32768, 32, device="cuda")
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_FUSED", flag)
+        layer.zero_grad(set_to_none=True)
+        x = tokens.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            out = layer(x)
+        kept = torch.cuda.memory_allocated() - start
+        out.float().square().mean().backward()
+        results[flag] = (out.detach().float(), [x.grad] + [p.grad for p in layer.parameters()], kept)
+    (out0, grads0, kept0), (out1, grads1, kept1) = results["0"], results["1"]
+    assert torch.allclose(out1, out0, rtol=2e-2, atol=2e-2)
+    for unfused, fused in zip(grads0, grads1):
+        assert fused is not None and torch.isfinite(fused).all()
+        assert (fused.float() - unfused.float()).norm() <= 5e-2 * unfused.float().norm() + 1e-6
+    assert kept1 < 0.7 * kept0, (kept0, kept1)
