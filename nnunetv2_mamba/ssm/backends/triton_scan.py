@@ -114,6 +114,30 @@ def _load_bc(ptr, s0, s1, s2, s3, b, group, d, n, t, d_mask, n_mask, t_mask, VAR
         return tile[None, :, :]
 
 
+@triton.jit
+def _chunk_program(L, N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr):
+    """Return (chunk k, batch b, channel split, tokens t, t_mask, state lanes n, n_mask) of this program."""
+    k = tl.program_id(0)
+    t = k.to(tl.int64) * T + tl.arange(0, T)
+    n = tl.arange(0, N_PAD)
+    return k, tl.program_id(1).to(tl.int64), tl.program_id(2), t, t < L, n, n < N
+
+
+@triton.jit
+def _channel_block(split, block, blocks_per_program, D, t_mask, n_mask, BLOCK_D: tl.constexpr):
+    """Return (d_start, channels d, d_mask, (T, BLOCK_D) token mask, (BLOCK_D, N) state mask) of a channel block."""
+    d_start = (split * blocks_per_program + block) * BLOCK_D
+    d = d_start + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    return d_start, d, d_mask, t_mask[:, None] & d_mask[None, :], d_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
+def _load_state_matrix(A2_ptr, d, n, dn_mask, N: tl.constexpr):
+    """Load the (BLOCK_D, N) tile of A * log2(e)."""
+    return tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+
+
 # Tiles are (T, BLOCK_D, N) with the tokens first: with BLOCK_D * N threads, Triton's default layout gives each
 # thread one (channel, state) lane and all T tokens of it, so the scans along the tokens run inside a thread
 # (no shuffles); only the sums over the states cross lanes.
@@ -127,22 +151,13 @@ def _chunk_end_state_kernel(
         D, L, K, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         B_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    k = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    t = k.to(tl.int64) * T + tl.arange(0, T)
-    t_mask = t < L
-    n = tl.arange(0, N_PAD)
-    n_mask = n < N
+    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     for block in range(blocks_per_program):
-        d_start = (split * blocks_per_program + block) * BLOCK_D
-        d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        mask = t_mask[:, None] & d_mask[None, :]
-        dn_mask = d_mask[:, None] & n_mask[None, :]
+        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+                                                           BLOCK_D)
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
                       t_mask, B_VARIABLE)
         decay, state = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), (dt * u)[:, :, None] * Bt),
@@ -263,23 +278,14 @@ def _chunk_output_kernel(
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr):
-    k = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    t = k.to(tl.int64) * T + tl.arange(0, T)
-    t_mask = t < L
-    n = tl.arange(0, N_PAD)
-    n_mask = n < N
+    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     for block in range(blocks_per_program):
-        d_start = (split * blocks_per_program + block) * BLOCK_D
-        d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        mask = t_mask[:, None] & d_mask[None, :]
-        dn_mask = d_mask[:, None] & n_mask[None, :]
+        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+                                                           BLOCK_D)
         group = d_start // channels_per_group
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
         decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), (dt * u)[:, :, None] * Bt),
@@ -306,25 +312,16 @@ def _chunk_adjoint_kernel(
         D, L, K, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
-    k = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    t = k.to(tl.int64) * T + tl.arange(0, T)
-    t_mask = t < L
-    n = tl.arange(0, N_PAD)
-    n_mask = n < N
+    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     for block in range(blocks_per_program):
-        d_start = (split * blocks_per_program + block) * BLOCK_D
-        d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        mask = t_mask[:, None] & d_mask[None, :]
-        dn_mask = d_mask[:, None] & n_mask[None, :]
+        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+                                                           BLOCK_D)
         dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
         if HAS_Z:
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             dy *= zv / (1.0 + tl.exp(-zv))
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
                       t_mask, C_VARIABLE)
         # Q = sum_t (a_{s_k} ... a_t) C_t dy_t: a forward scan whose running decay is that product.
@@ -348,28 +345,19 @@ def _chunk_grad_kernel(
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr, BC_ATOMIC: tl.constexpr):
-    k = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    t = k.to(tl.int64) * T + tl.arange(0, T)
-    t_mask = t < L
+    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     t_next = t + 1
     next_mask_t = (t_next < L) & (tl.arange(0, T) < T - 1)  # a_{t+1} inside this chunk; 1 at its end
-    n = tl.arange(0, N_PAD)
-    n_mask = n < N
     tn_mask = t_mask[:, None] & n_mask[None, :]
     dB_acc = tl.zeros([T, N_PAD], dtype=tl.float32)
     dC_acc = tl.zeros([T, N_PAD], dtype=tl.float32)
     group = (split * blocks_per_program * BLOCK_D) // channels_per_group
     for block in range(blocks_per_program):
-        d_start = (split * blocks_per_program + block) * BLOCK_D
-        d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        mask = t_mask[:, None] & d_mask[None, :]
-        dn_mask = d_mask[:, None] & n_mask[None, :]
+        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+                                                           BLOCK_D)
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, raw = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
         dout = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)

@@ -1,0 +1,43 @@
+"""Compile the Triton scan kernels for sm_90 without a GPU and report registers and spills (ptxas -v).
+
+    python benchmarks/triton_registers.py
+
+Triton compiles for a GPU target it is given (no device needed); ptxas ships with Triton. Used to check that a
+refactor of the kernels leaves their register use unchanged before spending device time (TRITON_NOTES.md)."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nnunetv2_mamba.ssm.backends import triton_scan as ts
+
+common = dict(N=16, N_PAD=16, T=16, BLOCK_D=4)
+
+
+def signature(fn, consts):
+    """Pointers (``*_ptr``) as fp32, constexprs as given, every other argument an i32."""
+    return {name: "constexpr" if name in consts else "*fp32" if name.endswith("_ptr") else "i32"
+            for name in fn.arg_names}
+
+
+kernels = {
+ "end_state": (ts._chunk_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, **common)),
+ "output": (ts._chunk_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **common)),
+ "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
+ "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, BC_ATOMIC=False, **common)),
+}
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+for name, (fn, consts) in kernels.items():
+    src = ASTSource(fn=fn, signature=signature(fn, consts), constexprs=dict(consts))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", out.stderr); spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    print(f"{name:<10} registers {regs.group(1) if regs else '?':>4}  spill stores {spill.group(1) if spill else '?':>4} B  "
+          f"ptx lines {compiled.asm['ptx'].count(chr(10))}")
