@@ -60,3 +60,30 @@ def test_vivim_benchmark_reports_frames_per_second(tmp_path):
     assert [row["mixer"] for row in rows] == ["alternating", "st_v3"]
     for row in rows:
         assert row["fps"] == pytest.approx(2 * 1000 / row["ms_per_clip"], rel=1e-6)
+
+
+def _fit_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import fit_memory_factors
+
+    return fit_memory_factors
+
+
+def test_memory_factor_fit_reads_calibration_lines_and_balances_the_worst_errors(tmp_path):
+    fit = _fit_module()
+    log = tmp_path / "calibration.log"
+    # The line format calibrate_memory.check prints, plus noise the parser must skip.
+    log.write_text("UserWarning: something\n"
+                   "UMambaBot      (64, 64, 64)     estimate    1.64 GiB  measured    1.41 GiB  error  +16.4 %\n"
+                   "UMambaBot      (16, 128, 128)   estimate    1.66 GiB  measured    1.52 GiB  error   +9.1 %\n"
+                   "\n3/3 measurements within +-15 %\n")
+    assert fit.read_points("anisotropic", log) == [("UMambaBot", "anisotropic", (64, 64, 64), 1.41),
+                                                  ("UMambaBot", "anisotropic", (16, 128, 128), 1.52)]
+    rows = [{"state_gib": 0.5, "activation_gib_factor_1": 1.0, "measured_gib": 1.0},
+            {"state_gib": 0.5, "activation_gib_factor_1": 3.0, "measured_gib": 2.4}]  # no factor fits both
+    factor = fit.minimax_factor(rows)
+    errors = [(r["state_gib"] + factor * r["activation_gib_factor_1"]) / r["measured_gib"] - 1 for r in rows]
+    # One over- and one under-estimate of the same size: no other factor has a smaller worst error.
+    assert errors[0] == pytest.approx(-errors[1], abs=1e-3) and errors[0] > 0
+    assert fit.worst_error(rows, factor) < fit.worst_error(rows, factor * 1.05)
+    assert fit.worst_error(rows, factor) < fit.worst_error(rows, factor * 0.95)
