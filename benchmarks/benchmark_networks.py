@@ -18,6 +18,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -58,8 +59,6 @@ TOPOLOGY_ENV_VAR = "NNUNETV2_MAMBA_BENCH_TOPOLOGY"
 
 def benchmark_plan(patch_size, input_channels: Optional[int] = None, num_classes: Optional[int] = None):
     """Return the benchmark NetworkPlan (the issue's plan, or the anisotropic one; the patch size can change)."""
-    import os
-
     from nnunetv2_mamba.plans import NetworkPlan
 
     topology = os.environ.get(TOPOLOGY_ENV_VAR, "isotropic")

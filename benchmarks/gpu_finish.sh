@@ -3,8 +3,10 @@
 # by the -k selections in $AMP_SELECTIONS (";"-separated), and the memory calibration on both topologies.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
-  || { tail -20 "$out/install.log"; exit 1; }
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then  # gpu_session.sh amp has installed already and runs tests beside this
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
+    || { tail -20 "$out/install.log"; exit 1; }
+fi
 limit="${LIMIT:-520}"
 amp_test=tests/trainers/test_base_reliability.py::test_default_precision_gpu_training_has_no_nonfinite_step
 i=0

@@ -15,20 +15,14 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = amp ]; then
   # Issue 13: $NNUNETV2_MAMBA_TEST_ITERATIONS (default 500) steps of every trainer at its default precision, in
-  # three concurrent pytest processes (NaN checks, not timings), next to the GPU tests that are not e2e.
+  # three concurrent pytest processes (gpu_finish.sh; NaN checks, not timings), next to the GPU tests that are not e2e.
   # $NNUNETV2_MAMBA_AMP_DATASET may name a raw dataset folder (e.g. the demo's MNI152 dataset).
-  amp_test=tests/trainers/test_base_reliability.py::test_default_precision_gpu_training_has_no_nonfinite_step
-  i=0
-  for selection in "UMamba or VMamba" "SegMamba and not MultiSegMamba" "MultiSegMamba or Vivim"; do
-    i=$((i + 1))
-    timeout "${AMP_TIMEOUT:-520}" python3 -m pytest "$amp_test" -k "$selection" -m "gpu and e2e" -q -rs -s \
-      --basetemp="/tmp/amp$i" > "$out/amp_$i.log" 2>&1 &
-  done
+  AMP_SELECTIONS="UMamba or VMamba;SegMamba and not MultiSegMamba;MultiSegMamba or Vivim" CALIBRATE=0 SKIP_INSTALL=1 \
+    LIMIT="${AMP_TIMEOUT:-520}" bash benchmarks/gpu_finish.sh > "$out/amp_streams.log" 2>&1 &
   timeout "${AMP_TIMEOUT:-520}" python3 -m pytest tests -m "gpu and not e2e" -q -rs \
     --ignore=tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py > "$out/gpu_tests.log" 2>&1
   wait
-  for f in "$out"/amp_*.log "$out/gpu_tests.log"; do tail -n 3 "$f"; done
-  grep -h "steps at default precision" "$out"/amp_*.log || true
+  cat "$out/amp_streams.log"; tail -n 3 "$out/gpu_tests.log"
   mkdir -p "$out/amp_logs"
   for f in /tmp/amp*/*/nnUNet_results/*/*/fold_0/training_log_*.txt; do
     [ -f "$f" ] && cp "$f" "$out/amp_logs/$(basename "$(dirname "$(dirname "$f")")")_$(basename "$f")"

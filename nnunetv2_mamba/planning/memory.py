@@ -41,19 +41,6 @@ CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 #: Reserved-but-unallocated blocks of the caching allocator, as a fraction of the peak allocated (not calibrated).
 FRAGMENTATION_MARGIN = 0.10
 
-#: Per-family factor: peak allocated activation memory at fp16 AMP on the GPU / fp32 saved bytes on the CPU,
-#: with the Mamba mixers under the default bf16 policy (layers/precision.py). Fitted by
-#: ``benchmarks/fit_memory_factors.py`` to the peaks ``benchmarks/calibrate_memory.py`` measured on an H200
-#: (mamba_ssm backend, 2026-12-02) at three patch sizes of two topologies (BENCHMARKS.md, "Memory estimate"):
-#: the minimax factor over those points. Families marked in ``FP32_MIXER_ONLY`` were not re-measured under the
-#: bf16 policy and keep their fp32-mixer factor, which over-estimates them (SegMamba's fell by 25 %).
-CALIBRATION_FACTORS: Dict[str, float] = {
-    "PlainConvUNet": 0.5931, "U-Mamba-Enc": 0.5374, "U-Mamba-Bot": 0.5243, "LoG-VMamba": 0.6078,
-    "L-VMamba": 0.6027, "G-VMamba": 0.6013, "SegMamba": 0.5747,
-    # fp32-mixer factors (see FP32_MIXER_ONLY); MultiSegMamba's mixers follow fp16 autocast, unchanged.
-    "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
-    "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
-}
 #: Families whose default factor is still the fp32-mixer one (to re-measure under the bf16 policy).
 FP32_MIXER_ONLY = ("BiSegMamba", "SegMambaSkip", "Vivim", "Vivim (ST-Mamba v3)")
 #: Factors with the mixers in fp32 (``$NNUNETV2_MAMBA_MIXER_DTYPE=fp32``, GPUs without bf16): fitted to one
@@ -62,6 +49,18 @@ FP32_MIXER_FACTORS: Dict[str, float] = {
     "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
     "SegMamba": 0.7703, "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
     "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
+}
+#: Per-family factor: peak allocated activation memory at fp16 AMP on the GPU / fp32 saved bytes on the CPU,
+#: with the Mamba mixers under the default bf16 policy (layers/precision.py). Fitted by
+#: ``benchmarks/fit_memory_factors.py`` to the peaks ``benchmarks/calibrate_memory.py`` measured on an H200
+#: (mamba_ssm backend, 2026-12-02) at three patch sizes of two topologies (BENCHMARKS.md, "Memory estimate"):
+#: the minimax factor over those points. The ``FP32_MIXER_ONLY`` families keep their fp32-mixer factor, which
+#: over-estimates them (SegMamba's fell by 25 %); MultiSegMamba's mixers follow fp16 autocast, so the bf16 policy
+#: does not change its factor.
+CALIBRATION_FACTORS: Dict[str, float] = {
+    "PlainConvUNet": 0.5931, "U-Mamba-Enc": 0.5374, "U-Mamba-Bot": 0.5243, "LoG-VMamba": 0.6078,
+    "L-VMamba": 0.6027, "G-VMamba": 0.6013, "SegMamba": 0.5747,
+    **{family: FP32_MIXER_FACTORS[family] for family in FP32_MIXER_ONLY + ("MultiSegMamba",)},
 }
 #: Families whose factor is borrowed, and from which measured family.
 BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-VMamba"}

@@ -28,6 +28,11 @@ for _name, _cls in concrete_trainers():
     globals()[f"{_name}_tiny"] = _make_tiny(_cls)
 
 
+def _skip_final_validation(self, save_probabilities: bool = False):
+    """Replaces nnU-Net's validation after training in the test trainers that do not need it."""
+    self.print_to_log_file("Validation skipped (test trainer)")
+
+
 class nnUNetTrainerUMambaBot_resume(globals()["nnUNetTrainerUMambaBot_tiny"]):
     """3 epochs of 2 iterations, checkpoint_latest.pth after every epoch, no final validation: a run to kill
     and resume (--c)."""
@@ -37,8 +42,7 @@ class nnUNetTrainerUMambaBot_resume(globals()["nnUNetTrainerUMambaBot_tiny"]):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.save_every = 3, 1
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        self.print_to_log_file("Validation skipped (test trainer)")
+    perform_actual_validation = _skip_final_validation
 
 
 def _make_amp_run(base: type) -> type:
@@ -50,11 +54,8 @@ def _make_amp_run(base: type) -> type:
         self.num_epochs, self.num_val_iterations_per_epoch = 1, 1
         self.num_iterations_per_epoch = int(os.environ.get("NNUNETV2_MAMBA_TEST_ITERATIONS", "500"))
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        self.print_to_log_file("Validation skipped (test trainer)")
-
     return type(f"{base.__name__}_amp", (base,), {"__init__": __init__, "__module__": __name__,
-                                                  "perform_actual_validation": perform_actual_validation})
+                                                  "perform_actual_validation": _skip_final_validation})
 
 
 for _name, _cls in concrete_trainers():
@@ -90,12 +91,9 @@ def _make_memory_check(base: type) -> type:
             json.dump(record, handle)
         base.on_train_end(self)
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        self.print_to_log_file("Validation skipped (test trainer)")
-
     return type(f"{base.__name__}_memcheck", (base,), {
         "__init__": __init__, "__module__": __name__, "on_train_start": on_train_start,
-        "on_train_end": on_train_end, "perform_actual_validation": perform_actual_validation})
+        "on_train_end": on_train_end, "perform_actual_validation": _skip_final_validation})
 
 
 for _name, _cls in concrete_trainers():
