@@ -68,11 +68,14 @@ def main(argv=None) -> int:
     parser.add_argument("--raw", nargs="*", default=None, metavar="BxLxD",
                         help="also time the bare scan at these batch x tokens x d_inner shapes (none given: "
                              "2x2097152x64 and 2x4096x1024)")
+    parser.add_argument("--backends", nargs="*", default=None,
+                        help="only these backends (default: every available one)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     probe = torch.zeros(1, 1, 1, device=device)
     backends = [row["name"] for row in describe_backends()
-                if row["available"] and get_backend(row["name"]).supports(probe, probe[0])]
+                if row["available"] and get_backend(row["name"]).supports(probe, probe[0])
+                and (args.backends is None or row["name"] in args.backends)]
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {name}, torch {torch.__version__}, {args.dtype}, medians of {args.steps} after "

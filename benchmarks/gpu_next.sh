@@ -1,35 +1,66 @@
 #!/usr/bin/env bash
-# The next GPU session's measurements, one mode per device call (each well inside 10 minutes):
-#   source .gpu/use.sh && bash benchmarks/gpu_next.sh tests|policy|triton|memory
-# tests:  every GPU test that is not e2e, the Triton file included (its fused-layer and recompute tests are new).
-# policy: network benchmark, mamba_ssm backend, mixers in fp32 (the published policy) vs the default bf16 policy.
-# triton: the same networks on the Triton backend, unfused vs the fused layer Function (NNUNETV2_MAMBA_TRITON_FUSED).
-# memory: memory calibration of the families not yet measured under the bf16 policy, then issue 15's 24/40 GB test.
+# One device session's measurements, one mode per device call (each well inside the 10-minute limit):
+#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|networks
+# first:    (a) layer and raw-scan timings on an idle GPU: triton unfused vs fused layer Function, mamba_ssm, bf16 and
+#           fp32; raw scan with recomputed vs kept chunk states; (b) then, concurrently (no timings): every GPU test
+#           that is not e2e (Triton file included), the memory calibration of the families not yet measured under
+#           the bf16 mixer policy (two streams), and the preparation of issue 15's 288^3 dataset in .gpu_work/
+#           (kept for the next call while the machine stays warm).
+# plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget.
+# networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton.
 set -uo pipefail
-what="${1:?tests|policy|triton|memory}"
+what="${1:?first|plans|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$out/device.txt" 2>&1
+plan_root="$PWD/.gpu_work/plan_gpu"
+plan_test=tests/nnunetv2_mamba/planning/test_plan_gpu.py
 nets="UMambaEnc UMambaBot LoGVMamba SegMamba MultiSegMamba"
 bench() {  # label, then env assignments
   local label="$1"; shift
-  env "$@" timeout 280 python3 benchmarks/benchmark_networks.py --networks $nets --steps 5 --warmup 2 \
+  env "$@" timeout 200 python3 benchmarks/benchmark_networks.py --networks $nets --steps 5 --warmup 2 \
     --json "$out/bench_$label.json" > "$out/bench_$label.log" 2>&1
-  tail -n 12 "$out/bench_$label.log"
+  tail -n 9 "$out/bench_$label.log"
+}
+calibrate() {  # log name, networks...
+  local log="$1"; shift
+  for topology in isotropic anisotropic; do
+    if [ "$topology" = isotropic ]; then shapes=(--patches 64 96 128); else
+      shapes=(--patch-sizes 16x128x128 24x192x192 32x256x256); fi
+    python3 benchmarks/calibrate_memory.py --topology "$topology" "${shapes[@]}" --networks "$@" --steps 2 --warmup 1
+  done > "$out/$log" 2>&1
 }
 case "$what" in
-  tests)
-    timeout 560 python3 -m pytest tests -m "gpu and not e2e" -q -rs 2>&1 | tee "$out/gpu_tests.log" | tail -15 ;;
-  policy)
+  first)
+    mkdir -p "$plan_root"
+    # CPU only: the dataset of the next call, prepared through the test's own fixture (no trainer selected)
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" timeout 560 python3 -m pytest "$plan_test" -q -m "gpu and e2e" \
+      -k prepared > "$out/plan_prepare.log" 2>&1 &
+    for fused in 0 1; do
+      for dtype in bf16 fp32; do
+        NNUNETV2_MAMBA_TRITON_FUSED=$fused timeout 90 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32 \
+          --dtype $dtype --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/layer_fused${fused}_$dtype.log" 2>&1
+        tail -n 3 "$out/layer_fused${fused}_$dtype.log"
+      done
+    done
+    for keep in 0 1; do
+      NNUNETV2_MAMBA_TRITON_SAVE_STATES=$keep timeout 60 python3 benchmarks/benchmark_scan.py --shapes 2x4096x32 \
+        --steps 5 --warmup 2 --backends triton mamba_ssm --raw 2x2097152x64 > "$out/raw_keep$keep.log" 2>&1
+      tail -n 2 "$out/raw_keep$keep.log"
+    done
+    left=$((540 - SECONDS))
+    timeout $left python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests.log" 2>&1 &
+    timeout $left bash -c "$(declare -f calibrate); out=$out; calibrate calibration_a.log SegMamba BiSegMamba MultiSegMamba" &
+    timeout $left bash -c "$(declare -f calibrate); out=$out; calibrate calibration_b.log SegMambaSkip Vivim VivimV3" &
+    wait
+    tail -n 3 "$out/gpu_tests.log" "$out/plan_prepare.log"; grep -h "estimate" "$out"/calibration_*.log ;;
+  plans)
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=120 nnUNet_n_proc_DA=4 \
+      timeout 560 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" > "$out/plan_gpu.log" 2>&1
+    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
+  networks)
     bench mamba_ssm_fp32_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm NNUNETV2_MAMBA_MIXER_DTYPE=fp32
-    bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm ;;
-  triton)
-    bench triton_unfused NNUNETV2_MAMBA_BACKEND=triton NNUNETV2_MAMBA_TRITON_FUSED=0
-    bench triton_fused NNUNETV2_MAMBA_BACKEND=triton NNUNETV2_MAMBA_TRITON_FUSED=1 ;;
-  memory)
-    timeout 300 python3 benchmarks/calibrate_memory.py --networks SegMamba BiSegMamba SegMambaSkip Vivim VivimV3 \
-      --patches 64 96 128 --steps 2 --warmup 1 > "$out/calibration_isotropic_rest.log" 2>&1 &
-    timeout 540 python3 -m pytest tests/nnunetv2_mamba/planning/test_plan_gpu.py -q -rs -s -k "UMambaBot or LoGVMamba" \
-      > "$out/plan_gpu.log" 2>&1
-    wait; tail -n 8 "$out/calibration_isotropic_rest.log" "$out/plan_gpu.log" ;;
+    bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm
+    bench triton NNUNETV2_MAMBA_BACKEND=triton ;;
 esac
