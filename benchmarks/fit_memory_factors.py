@@ -8,6 +8,11 @@ largest over- and under-estimate). Prints one row per family: points, factor, wo
 
     python benchmarks/fit_memory_factors.py isotropic=benchmarks/results/2026-12-02-h200/calibration_isotropic.log \
         anisotropic=benchmarks/results/2026-12-02-h200/calibration_anisotropic.log --json factors.json
+
+A log given as ``nnunet=path`` holds instead the ``finished TRAINER BUDGET GB: {record}`` lines of
+tests/nnunetv2_mamba/planning/test_plan_gpu.py: real ``nnUNetv2_train`` steps at the patch and batch the planner chose
+(nnU-Net's loss, data augmentation and deep supervision), with the planner's estimate in the record. Their factor-1
+activations are the record's activations over the factor it was planned with (no CPU probe needed).
 """
 from __future__ import annotations
 
@@ -37,6 +42,26 @@ def read_points(topology: str, log: Path) -> list:
             patch = tuple(int(v) for v in match.group(2).split(","))
             points.append((match.group(1), topology, patch, float(match.group(4))))
     return points
+
+
+MEMCHECK_LINE = re.compile(r"finished (\w+) ([\d.]+) GB: (\{.*\})\s*$")
+
+
+def read_memcheck_rows(log: Path) -> list:
+    """Return fit rows from test_plan_gpu.py's ``finished ...`` lines (one per trainer and budget)."""
+    rows = []
+    for line in log.read_text().splitlines():
+        match = MEMCHECK_LINE.search(line)
+        if not match:
+            continue
+        record = json.loads(match.group(3))
+        estimate = record["estimate"]
+        factor = estimate.get("factor") or memory.calibration_factor(estimate["family"])  # older records: the table
+        rows.append({"network": match.group(1), "family": estimate["family"], "topology": "nnunet",
+                     "patch_size": record["patch_size"], "batch": record["batch_size"],
+                     "measured_gib": record["peak_allocated_gib"], "state_gib": estimate["state_gib"],
+                     "activation_gib_factor_1": estimate["activation_gib"] / factor})
+    return rows
 
 
 def unit_estimates(points: list, batch: int) -> list:
@@ -79,11 +104,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--json", help="write the factors and rows here")
     args = parser.parse_args(argv)
-    points = []
+    points, memcheck_rows = [], []
     for item in args.logs:
         topology, _, path = item.partition("=")
-        points += read_points(topology, Path(path))
-    rows = unit_estimates(points, args.batch)
+        if topology == "nnunet":
+            memcheck_rows += read_memcheck_rows(Path(path))
+        else:
+            points += read_points(topology, Path(path))
+    rows = unit_estimates(points, args.batch) + memcheck_rows
     by_family = defaultdict(list)
     for row in rows:
         by_family[row["family"]].append(row)
@@ -97,6 +125,13 @@ def main(argv=None) -> int:
         for row in family_rows:
             row["fitted_error_pct"] = round(100 * ((row["state_gib"] + factors[family] * row["activation_gib_factor_1"])
                                                    / row["measured_gib"] - 1), 1)
+    print("\n| family | topology | patch | batch | measured (GiB) | estimate (GiB) | error |\n|---|---|---|---|---|---|---|")
+    for family, family_rows in by_family.items():
+        for row in family_rows:
+            estimate = row["state_gib"] + factors[family] * row["activation_gib_factor_1"]
+            print(f"| {family} | {row['topology']} | {'x'.join(map(str, row['patch_size']))} | "
+                  f"{row.get('batch', args.batch)} | {row['measured_gib']:.2f} | {estimate:.2f} | "
+                  f"{row['fitted_error_pct']:+.1f} % |")
     if args.json:
         Path(args.json).write_text(json.dumps({"factors": factors, "rows": rows}, indent=2))
     return 0

@@ -9,7 +9,7 @@
 # plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton.
 set -uo pipefail
-what="${1:?first|plans|networks}"
+what="${1:?first|plans|rest|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -59,6 +59,21 @@ case "$what" in
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=120 nnUNet_n_proc_DA=4 \
       timeout 560 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" > "$out/plan_gpu.log" 2>&1
     grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
+  rest)  # what the first two calls' limits cut off: MultiSegMamba's plans beside the missing calibration points
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=64 nnUNet_n_proc_DA=4 \
+      timeout 500 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba > "$out/plan_gpu_multi.log" 2>&1 &
+    cal() { local log="$1" topology="$2"; shift 2
+      timeout 500 python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 "$@" >> "$out/$log" 2>&1; }
+    (cal cal_biseg.log isotropic --networks BiSegMamba --patches 96 128
+     cal cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256) &
+    (cal cal_vivim.log isotropic --networks Vivim VivimV3 --patches 64 96 128
+     cal cal_vivim.log anisotropic --networks Vivim VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256) &
+    (cal cal_rest.log anisotropic --networks SegMambaSkip --patch-sizes 16x128x128 24x192x192 32x256x256
+     cal cal_rest.log anisotropic --networks SegMamba --patch-sizes 24x192x192 32x256x256
+     cal cal_rest.log isotropic --networks MultiSegMamba --patches 64 96
+     cal cal_rest.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192) &
+    wait
+    grep -h "finished\|passed\|failed" "$out/plan_gpu_multi.log" | cut -c1-400; grep -h "estimate" "$out"/cal_*.log ;;
   networks)
     bench mamba_ssm_fp32_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm NNUNETV2_MAMBA_MIXER_DTYPE=fp32
     bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm

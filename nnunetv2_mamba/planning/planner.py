@@ -111,7 +111,7 @@ class MambaMemoryPlanner(ExperimentPlanner):
             "estimates": {name: self.estimates.get(config.get("data_identifier"))
                           for name, config in plans["configurations"].items() if "data_identifier" in config},
             "note": "peak_allocated_gib is the estimated torch.cuda.max_memory_allocated of one fp16-AMP training "
-                    "step; needed_gib adds the CUDA context and a fragmentation margin (see BENCHMARKS.md)."}
+                    "step; needed_gib adds the CUDA context and a planning margin (see BENCHMARKS.md)."}
         recursive_fix_for_json_export(plans)
         target = self.plans_file
         os.makedirs(os.path.dirname(target), exist_ok=True)

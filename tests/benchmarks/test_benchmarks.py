@@ -87,3 +87,28 @@ def test_memory_factor_fit_reads_calibration_lines_and_balances_the_worst_errors
     assert errors[0] == pytest.approx(-errors[1], abs=1e-3) and errors[0] > 0
     assert fit.worst_error(rows, factor) < fit.worst_error(rows, factor * 1.05)
     assert fit.worst_error(rows, factor) < fit.worst_error(rows, factor * 0.95)
+
+
+def test_memory_factor_fit_reads_the_plan_gpu_records(tmp_path):
+    """test_plan_gpu.py's ``finished`` lines become fit rows: measured peak, state, and the activations at factor 1
+    (the record's over the factor it was planned with, or the table's for records without one)."""
+    fit = _fit_module()
+    from nnunetv2_mamba.planning import memory
+
+    def line(trainer, budget, patch, measured, estimate):
+        record = {"budget_gib": budget, "peak_allocated_gib": measured, "peak_reserved_gib": measured + 1,
+                  "patch_size": patch, "batch_size": 2, "estimate": estimate}
+        return f"finished {trainer} {budget} GB: {json.dumps(record)}"
+
+    log = tmp_path / "plan_gpu.log"
+    log.write_text("\n".join([
+        "." + line("nnUNetTrainerUMambaBot", 40, [224, 192, 192], 37.5,
+                   {"family": "U-Mamba-Bot", "state_gib": 0.5, "activation_gib": 30.0, "factor": 0.6}),
+        "some training output",
+        line("nnUNetTrainerSegMamba", 24, [160, 128, 128], 21.0, {"family": "SegMamba", "state_gib": 0.8,
+                                                                  "activation_gib": 19.5})]))
+    bot, seg = fit.read_memcheck_rows(log)
+    assert (bot["family"], bot["topology"], bot["patch_size"], bot["measured_gib"]) == \
+        ("U-Mamba-Bot", "nnunet", [224, 192, 192], 37.5)
+    assert bot["activation_gib_factor_1"] == pytest.approx(50.0)
+    assert seg["activation_gib_factor_1"] == pytest.approx(19.5 / memory.calibration_factor("SegMamba"))

@@ -96,9 +96,12 @@ def _train(trainer_name, budget_gb, plans, root, env) -> dict:
 
 
 @pytest.fixture(scope="module")
-def memcheck_records(large_dataset):
-    """{(trainer, budget): record or the exception it raised}, the runs scheduled by their GPU budgets."""
+def memcheck_records(request, large_dataset):
+    """{(trainer, budget): record or the exception it raised} for the trainers of the selected tests (``-k``), the
+    runs scheduled by their GPU budgets."""
     root, env = large_dataset
+    selected = {item.callspec.params["trainer_name"] for item in request.session.items
+                if "trainer_name" in getattr(getattr(item, "callspec", None), "params", {})}
     capacity = float(os.environ.get("NNUNETV2_MAMBA_TEST_CONCURRENT_GB", "0"))
     in_use = [0.0]
     room = threading.Condition()
@@ -127,7 +130,8 @@ def memcheck_records(large_dataset):
                 room.notify_all()
 
     # largest budgets first, so that the small ones fill the gaps
-    jobs = sorted(((name, budget) for name in FAMILY_TRAINERS for budget in BUDGETS_GB), key=lambda job: -job[1])
+    jobs = sorted(((name, budget) for name in FAMILY_TRAINERS if name in selected for budget in BUDGETS_GB),
+                  key=lambda job: -job[1])
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         return dict(zip(jobs, pool.map(run, jobs)))
 
