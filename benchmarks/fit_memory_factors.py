@@ -48,7 +48,12 @@ MEMCHECK_LINE = re.compile(r"finished (\w+) ([\d.]+) GB: (\{.*\})\s*$")
 
 
 def read_memcheck_rows(log: Path) -> list:
-    """Return fit rows from test_plan_gpu.py's ``finished ...`` lines (one per trainer and budget)."""
+    """Return fit rows from test_plan_gpu.py's ``finished ...`` lines (one per trainer and budget).
+
+    Records written before estimates carried their factor need ``planned_factors.json`` beside the log: the
+    factors of the commit that planned them (today's table may differ)."""
+    planned = log.parent / "planned_factors.json"
+    planned_factors = json.loads(planned.read_text())["factors"] if planned.exists() else {}
     rows = []
     for line in log.read_text().splitlines():
         match = MEMCHECK_LINE.search(line)
@@ -56,7 +61,10 @@ def read_memcheck_rows(log: Path) -> list:
             continue
         record = json.loads(match.group(3))
         estimate = record["estimate"]
-        factor = estimate.get("factor") or memory.calibration_factor(estimate["family"])  # older records: the table
+        factor = estimate.get("factor") or planned_factors.get(estimate["family"])
+        if not factor:
+            raise SystemExit(f"{log}: the record of {match.group(1)} has no 'factor' and {planned} does not give "
+                             f"one for {estimate['family']!r}; write the factors its plans were made with there.")
         rows.append({"network": match.group(1), "family": estimate["family"], "topology": "nnunet",
                      "patch_size": record["patch_size"], "batch": record["batch_size"],
                      "measured_gib": record["peak_allocated_gib"], "state_gib": estimate["state_gib"],

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
-#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|networks
+#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|networks
 # first:    (a) layer and raw-scan timings on an idle GPU: triton unfused vs fused layer Function, mamba_ssm, bf16 and
 #           fp32; raw scan with recomputed vs kept chunk states; (b) then, concurrently (no timings): every GPU test
 #           that is not e2e (Triton file included), the memory calibration of the families not yet measured under
 #           the bf16 mixer policy (two streams), and the preparation of issue 15's 288^3 dataset in .gpu_work/
 #           (kept for the next call while the machine stays warm).
-# plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget.
+# plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget
+#           ($PLAN_SELECTION narrows the trainers; the dataset is re-made when .gpu_work/ is gone).
+# calibrate: the memory calibration points still missing (BiSegMamba, Vivim anisotropic, VivimV3, MultiSegMamba).
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton.
 set -uo pipefail
-what="${1:?first|plans|rest|networks}"
+what="${1:?first|plans|calibrate|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -55,25 +57,23 @@ case "$what" in
     timeout $left bash -c "$(declare -f calibrate); out=$out; calibrate calibration_b.log SegMambaSkip Vivim VivimV3" &
     wait
     tail -n 3 "$out/gpu_tests.log" "$out/plan_prepare.log"; grep -h "estimate" "$out"/calibration_*.log ;;
-  plans)
+  plans)  # $PLAN_SELECTION: a pytest -k expression (default: every family)
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=120 nnUNet_n_proc_DA=4 \
-      timeout 560 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" > "$out/plan_gpu.log" 2>&1
+      timeout 560 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" ${PLAN_SELECTION:+-k "$PLAN_SELECTION"} \
+      > "$out/plan_gpu.log" 2>&1
     grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
-  rest)  # what the first two calls' limits cut off: MultiSegMamba's plans beside the missing calibration points
-    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=64 nnUNet_n_proc_DA=4 \
-      timeout 500 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba > "$out/plan_gpu_multi.log" 2>&1 &
+  calibrate)  # the calibration points still missing after 2026-12-02 (BENCHMARKS.md), three streams
     cal() { local log="$1" topology="$2"; shift 2
-      timeout 500 python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 "$@" >> "$out/$log" 2>&1; }
-    (cal cal_biseg.log isotropic --networks BiSegMamba --patches 96 128
-     cal cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256) &
-    (cal cal_vivim.log isotropic --networks Vivim VivimV3 --patches 64 96 128
-     cal cal_vivim.log anisotropic --networks Vivim VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256) &
-    (cal cal_rest.log anisotropic --networks SegMambaSkip --patch-sizes 16x128x128 24x192x192 32x256x256
-     cal cal_rest.log anisotropic --networks SegMamba --patch-sizes 24x192x192 32x256x256
-     cal cal_rest.log isotropic --networks MultiSegMamba --patches 64 96
-     cal cal_rest.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192) &
+      timeout 540 python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 "$@" >> "$out/$log" 2>&1; }
+    (cal cal_biseg.log isotropic --networks BiSegMamba --patches 128
+     cal cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
+     cal cal_biseg.log anisotropic --networks Vivim --patch-sizes 16x128x128 24x192x192 32x256x256) &
+    (cal cal_vivimv3.log isotropic --networks VivimV3 --patches 96 128
+     cal cal_vivimv3.log anisotropic --networks VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256) &
+    (cal cal_multi.log isotropic --networks MultiSegMamba --patches 64 96
+     cal cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256) &
     wait
-    grep -h "finished\|passed\|failed" "$out/plan_gpu_multi.log" | cut -c1-400; grep -h "estimate" "$out"/cal_*.log ;;
+    grep -h "estimate" "$out"/cal_*.log ;;
   networks)
     bench mamba_ssm_fp32_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm NNUNETV2_MAMBA_MIXER_DTYPE=fp32
     bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm

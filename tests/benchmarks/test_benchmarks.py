@@ -91,9 +91,8 @@ def test_memory_factor_fit_reads_calibration_lines_and_balances_the_worst_errors
 
 def test_memory_factor_fit_reads_the_plan_gpu_records(tmp_path):
     """test_plan_gpu.py's ``finished`` lines become fit rows: measured peak, state, and the activations at factor 1
-    (the record's over the factor it was planned with, or the table's for records without one)."""
+    (the record's over the factor it was planned with, else planned_factors.json's beside the log)."""
     fit = _fit_module()
-    from nnunetv2_mamba.planning import memory
 
     def line(trainer, budget, patch, measured, estimate):
         record = {"budget_gib": budget, "peak_allocated_gib": measured, "peak_reserved_gib": measured + 1,
@@ -107,8 +106,11 @@ def test_memory_factor_fit_reads_the_plan_gpu_records(tmp_path):
         "some training output",
         line("nnUNetTrainerSegMamba", 24, [160, 128, 128], 21.0, {"family": "SegMamba", "state_gib": 0.8,
                                                                   "activation_gib": 19.5})]))
+    with pytest.raises(SystemExit, match="no 'factor'.*SegMamba"):  # the planned factor is unknown
+        fit.read_memcheck_rows(log)
+    (tmp_path / "planned_factors.json").write_text(json.dumps({"factors": {"SegMamba": 0.65}}))
     bot, seg = fit.read_memcheck_rows(log)
     assert (bot["family"], bot["topology"], bot["patch_size"], bot["measured_gib"]) == \
         ("U-Mamba-Bot", "nnunet", [224, 192, 192], 37.5)
     assert bot["activation_gib_factor_1"] == pytest.approx(50.0)
-    assert seg["activation_gib_factor_1"] == pytest.approx(19.5 / memory.calibration_factor("SegMamba"))
+    assert seg["activation_gib_factor_1"] == pytest.approx(19.5 / 0.65)
