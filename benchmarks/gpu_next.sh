@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
 #   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|networks
-# first:    (a) layer and raw-scan timings on an idle GPU: triton unfused vs fused layer Function, mamba_ssm, bf16 and
-#           fp32; raw scan with recomputed vs kept chunk states; (b) then, concurrently (no timings): every GPU test
+# first:    (a) layer timings on an idle GPU: triton unfused vs fused layer Function (both with the Triton causal
+#           conv), mamba_ssm, bf16 and fp32; (b) then, concurrently (no timings): every GPU test
 #           that is not e2e (Triton file included), the memory calibration of the families not yet measured under
 #           the bf16 mixer policy (two streams), and the preparation of issue 15's 288^3 dataset in .gpu_work/
 #           (kept for the next call while the machine stays warm).
@@ -45,11 +45,6 @@ case "$what" in
           --dtype $dtype --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/layer_fused${fused}_$dtype.log" 2>&1
         tail -n 3 "$out/layer_fused${fused}_$dtype.log"
       done
-    done
-    for keep in 0 1; do
-      NNUNETV2_MAMBA_TRITON_SAVE_STATES=$keep timeout 60 python3 benchmarks/benchmark_scan.py --shapes 2x4096x32 \
-        --steps 5 --warmup 2 --backends triton mamba_ssm --raw 2x2097152x64 > "$out/raw_keep$keep.log" 2>&1
-      tail -n 2 "$out/raw_keep$keep.log"
     done
     left=$((540 - SECONDS))
     timeout $left python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests.log" 2>&1 &

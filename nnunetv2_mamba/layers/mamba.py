@@ -71,7 +71,7 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         fused_conv = backend.causal_conv1d() if fusable else None
         if fused_conv is not None:
-            x = fused_conv(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            x = fused_conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         else:
             x = F.silu(self.conv1d(x)[..., :length])
 

@@ -34,7 +34,8 @@ class ScanBackend:
         raise NotImplementedError
 
     def causal_conv1d(self) -> Optional[Callable]:
-        """Return a fused causal depthwise conv1d + SiLU function, or None to use torch's Conv1d."""
+        """Return a fused causal depthwise conv1d + SiLU function ``f(x, weight, bias, activation="silu")`` (x
+        (B, D, L) of any strides, weight (D, W)), or None to use torch's Conv1d."""
         return None
 
     def fused_mamba_inner(self) -> Optional[Callable]:

@@ -147,7 +147,11 @@ class MambaSsmBackend(ScanBackend):
         # A causal-conv1d that does not run here falls back to torch's Conv1d (and the unfused path).
         if _import_causal_conv1d() is None or _conv_kernel_failure(_current_cuda_device()) is not None:
             return None
-        return _import_causal_conv1d()
+        causal_conv1d_fn = _import_causal_conv1d()
+
+        def conv(x, weight, bias=None, activation=None):  # causal-conv1d reads x (B, D, L)-contiguous
+            return causal_conv1d_fn(x.contiguous(), weight, bias, activation=activation)
+        return conv
 
     def fused_mamba_inner(self):
         return _import_mamba_inner() if self.causal_conv1d() is not None else None

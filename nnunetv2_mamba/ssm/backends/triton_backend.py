@@ -56,6 +56,11 @@ class TritonBackend(ScanBackend):
                     "Use backend='mamba_ssm' or 'torch'.")
         return None
 
+    def causal_conv1d(self):
+        # Our Triton conv + SiLU (triton_conv.py): torch's grouped conv cost the layer ~3x mamba_ssm's outside the scan.
+        from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
+        return causal_conv1d_silu
+
     def fused_mamba_inner(self):
         # Opt-in until measured on the GPU (benchmarks/TRITON_NOTES.md): the layer's inner part as one Function that
         # keeps only xz and the weights (triton_layer.py).

@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
 from nnunetv2_mamba.ssm.backends.triton_scan import make_plan, scan_backward, scan_forward
 
 
 def _branch(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight):
     """Return (u, delta, B, C) of the scan for the conv input x (B, D, L): the recomputable part."""
-    length, width = x.shape[-1], conv_weight.shape[-1]
-    u = F.silu(F.conv1d(x, conv_weight, conv_bias, padding=width - 1, groups=x.shape[1])[..., :length])
+    u = causal_conv1d_silu(x, conv_weight.squeeze(1), conv_bias)  # token-major, as x_proj's GEMM reads it
     dt_rank, d_state = dt_proj_weight.shape[1], (x_proj_weight.shape[0] - dt_proj_weight.shape[1]) // 2
     x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (B, L, dt_rank + 2 d_state)
     dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)

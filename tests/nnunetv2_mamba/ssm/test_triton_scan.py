@@ -1,4 +1,4 @@
-"""The Triton scan kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) against an fp64 reference.
+"""The Triton scan and causal-conv kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) against fp64 references.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, so the cases run in one subprocess started with the
 variable set (this process may already have imported triton); each test checks one case's errors.
@@ -131,11 +131,71 @@ def fused_layer_case():
     return results
 
 
+# (batch, channels, length, width, bias, x layout, dtype): more length blocks than one (BLOCK_L = 128), a partly
+# masked channel block (BLOCK_D = 32), sequences shorter than the conv, the layer's strided half of xz, bf16.
+CONV_CASES = [
+    (2, 6, 37, 4, True, "contiguous", "fp32"),
+    (1, 40, 130, 4, True, "xz_half", "fp32"),
+    (2, 5, 3, 4, False, "contiguous", "fp32"),
+    (1, 3, 1, 3, True, "xz_half", "fp32"),
+    (1, 8, 20, 2, True, "xz_half", "bf16"),
+]
+CONV_IDS = [f"b{c[0]}-d{c[1]}-L{c[2]}-w{c[3]}-{'bias' if c[4] else 'nobias'}-{c[5]}-{c[6]}" for c in CONV_CASES]
+
+
+def conv_case(batch, channels, length, width, with_bias, layout, dtype_name):
+    """Return the relative errors of the Triton causal conv1d + SiLU (output, dx, dweight, dbias) against an fp64
+    torch conv, the output's layout and the bytes it saves beyond its inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    generator = torch.Generator().manual_seed(length)
+    if layout == "xz_half":  # x as the layer passes it: half of the token-major in-projection, not copied
+        x = torch.randn(batch, length, 2 * channels, generator=generator).to(dtype).transpose(1, 2)[:, :channels]
+    else:
+        x = torch.randn(batch, channels, length, generator=generator).to(dtype)
+    weight = torch.randn(channels, width, generator=generator)
+    bias = torch.randn(channels, generator=generator) if with_bias else None
+    leaves = [x.detach().requires_grad_(), weight.clone().requires_grad_(),
+              None if bias is None else bias.clone().requires_grad_()]
+    input_storages = {t.untyped_storage().data_ptr() for t in leaves if t is not None}
+    extra = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in input_storages:
+            extra.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = causal_conv1d_silu(*leaves)
+    grad = torch.randn(out.shape, generator=generator).to(dtype)
+    out.backward(grad)
+    references = [None if t is None else t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = F.silu(F.conv1d(references[0], references[1][:, None, :], references[2], padding=width - 1,
+                               groups=channels)[..., :length])
+    expected.backward(grad.double())
+
+    def error(ours, ref):
+        return ((ours.double() - ref).norm() / ref.norm().clamp_min(1e-3)).item()
+
+    result = {"out": error(out, expected), "token_major": out.stride(1) == 1, "dtype_ok": out.dtype == dtype and
+              leaves[0].grad.dtype == dtype and leaves[1].grad.dtype == torch.float32, "extra_saved_bytes": sum(extra)}
+    for name, ours, ref in zip(("dx", "dweight", "dbias"), leaves, references):
+        if ours is not None:
+            result[name] = error(ours.grad, ref.grad)
+    return result
+
+
 def main():
     for case in CASES:
         print(json.dumps(run_case(*case)), flush=True)
     print(json.dumps(saved_states_case()), flush=True)
     print(json.dumps(fused_layer_case()), flush=True)
+    for case in CONV_CASES:
+        print(json.dumps(conv_case(*case)), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +209,7 @@ def interpreted_results():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == len(CASES) + 2, done.stdout[-2000:]
+    assert len(lines) == len(CASES) + 2 + len(CONV_CASES), done.stdout[-2000:]
     return lines
 
 
@@ -178,6 +238,18 @@ def test_fused_mamba_layer_matches_the_unfused_path_and_keeps_less(interpreted_r
     assert fused["grads_present"], fused
     assert fused["max_output_difference"] < 1e-6 and fused["max_grad_difference"] < 1e-5, fused
     assert fused["saved_bytes_fused"] < 0.6 * fused["saved_bytes_unfused"], fused
+
+
+@pytest.mark.parametrize("index", range(len(CONV_CASES)), ids=CONV_IDS)
+def test_interpreted_causal_conv_matches_torch_conv(interpreted_results, index):
+    """The Triton causal conv1d + SiLU (triton_conv.py): output and every gradient as torch's grouped conv in fp64,
+    the output stored token-major, nothing saved beyond the inputs."""
+    result = interpreted_results[len(CASES) + 2 + index]
+    assert result.pop("token_major") and result.pop("dtype_ok"), result
+    assert result.pop("extra_saved_bytes") == 0, result
+    tolerance = 2e-5 if CONV_CASES[index][-1] == "fp32" else 1e-2  # bf16: the rounding of out and dx
+    bad = {name: value for name, value in result.items() if not value < tolerance}
+    assert not bad, f"case {CONV_IDS[index]}: errors above {tolerance}: {bad}"
 
 
 def test_backend_is_unavailable_for_cpu_tensors_without_the_interpreter():

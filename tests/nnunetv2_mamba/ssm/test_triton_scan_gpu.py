@@ -155,3 +155,32 @@ def test_fused_triton_layer_matches_unfused_under_bf16_autocast(monkeypatch):
         assert fused is not None and torch.isfinite(fused).all()
         assert (fused.float() - unfused.float()).norm() <= 5e-2 * unfused.float().norm() + 1e-6
     assert kept1 < 0.7 * kept0, (kept0, kept1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length", [3, 4099, 2 ** 21])
+def test_triton_causal_conv_matches_torch_conv(dtype, length):
+    """triton_conv.py on the GPU, x the strided half of a token-major in-projection (as the layer passes it): output
+    and the three gradients against torch's grouped conv in fp64, up to 2 x 128^3 tokens."""
+    import torch.nn.functional as F
+
+    from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
+
+    generator = torch.Generator(device="cuda").manual_seed(length)
+    channels, width = 64, 4
+    x = torch.randn(2, length, 2 * channels, generator=generator, device="cuda").to(dtype).transpose(1, 2)[:, :channels]
+    weight = torch.randn(channels, width, generator=generator, device="cuda")
+    bias = torch.randn(channels, generator=generator, device="cuda")
+    leaves = [x.detach().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    poison_allocator()
+    out = causal_conv1d_silu(*leaves)
+    grad = torch.randn(out.shape, generator=generator, device="cuda").to(dtype)
+    out.backward(grad)
+    references = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = F.silu(F.conv1d(references[0], references[1][:, None, :], references[2], padding=width - 1,
+                               groups=channels)[..., :length])
+    expected.backward(grad.double())
+    assert out.dtype == dtype and out.stride(1) == 1
+    assert_matches(out.double(), expected, dtype, "out")
+    for name, ours, ref in zip(("dx", "dweight", "dbias"), leaves, references):
+        assert_matches(ours.grad.double(), ref.grad, dtype, name)
