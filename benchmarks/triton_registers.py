@@ -1,4 +1,4 @@
-"""Compile the Triton scan kernels for sm_90 without a GPU and report registers and spills (ptxas -v).
+"""Compile the Triton scan and causal-conv kernels for sm_90 without a GPU and report registers and spills (ptxas -v).
 
     python benchmarks/triton_registers.py
 
@@ -14,6 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nnunetv2_mamba.ssm.backends import triton_conv as tc
 from nnunetv2_mamba.ssm.backends import triton_scan as ts
 
 common = dict(N=16, N_PAD=16, T=16, BLOCK_D=4)
@@ -31,10 +32,15 @@ kernels = {
  "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
  "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, BC_ATOMIC=False, **common)),
 }
+kernels["conv_fwd"] = (tc._causal_conv_forward_kernel, dict(WIDTH=4, HAS_BIAS=True, BLOCK_L=tc.BLOCK_L,
+                                                            BLOCK_D=tc.BLOCK_D))
+kernels["conv_bwd"] = (tc._causal_conv_backward_kernel, dict(WIDTH=4, WIDTH_PAD=4, HAS_BIAS=True, BLOCK_D=tc.BLOCK_D,
+                                                             BLOCK_L=tc.BACKWARD_BLOCK_L, TILES=tc.BACKWARD_TILES))
+warps = {"conv_fwd": 4, "conv_bwd": 4}  # triton_conv launches with Triton's default; the scan kernels with 1
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
 for name, (fn, consts) in kernels.items():
     src = ASTSource(fn=fn, signature=signature(fn, consts), constexprs=dict(consts))
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps.get(name, 1)})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True)

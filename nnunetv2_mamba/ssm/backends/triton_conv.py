@@ -17,7 +17,7 @@ through its strides, so the (B, D, L) half of the in-projection, which is token-
 copy; the output is written token-major, the layout the x-projection's GEMM reads. Arithmetic is fp32 whatever the
 input dtype; the output and dx take x's dtype, dweight and dbias the parameters'. The backward recomputes p at the W
 shifted positions it needs instead of keeping p or the output (the forward saves nothing but its inputs), and sums
-dweight / dbias per tile into a partial buffer that torch reduces (deterministic, no atomics).
+dweight / dbias per program (256 tokens) into a partial buffer that torch reduces (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -27,8 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_L = 128
+# Tile sizes, chosen by registers on sm_90 without a GPU (benchmarks/triton_registers.py, 4 warps, not yet timed):
+# the forward at 64 x 32 uses 108 registers; the backward's W x W shifted loads need small tiles (16 x 32: 126
+# registers, no spills; one 64 x 32 tile spills), 16 of them per program.
+BLOCK_L = 64
 BLOCK_D = 32
+BACKWARD_BLOCK_L = 16
+BACKWARD_TILES = 16  # tiles per backward program: 256 tokens per dweight / dbias partial
 
 
 @triton.jit
@@ -48,15 +53,22 @@ def _silu_preactivation(x_base, stride_l, weight_ptr, bias_ptr, positions, lengt
 
 
 @triton.jit
+def _tile(x_ptr, x_sb, x_sd, channels, TOKENS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Return this program's first tile of tokens, its channels, batch, channel mask and x pointers (grid: blocks of
+    TOKENS tokens, blocks of BLOCK_D channels, batch)."""
+    offs_l = tl.program_id(0) * TOKENS + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    batch = tl.program_id(2).to(tl.int64)
+    d_mask = offs_d < channels
+    return offs_l, offs_d, batch, d_mask, x_ptr + batch * x_sb + offs_d[None, :] * x_sd
+
+
+@triton.jit
 def _causal_conv_forward_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, length, channels,
                                 x_sb, x_sd, x_sl, o_sb, o_sd, o_sl,
                                 WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    batch = tl.program_id(2).to(tl.int64)
-    d_mask = offs_d < channels
-    x_base = x_ptr + batch * x_sb + offs_d[None, :] * x_sd
+    offs_l, offs_d, batch, d_mask, x_base = _tile(x_ptr, x_sb, x_sd, channels, BLOCK_L, BLOCK_L, BLOCK_D)
     p = _silu_preactivation(x_base, x_sl, weight_ptr, bias_ptr, offs_l, length, offs_d, d_mask, WIDTH, HAS_BIAS,
                             BLOCK_L, BLOCK_D)
     out = p * tl.sigmoid(p)
@@ -67,38 +79,44 @@ def _causal_conv_forward_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, length, ch
 @triton.jit
 def _causal_conv_backward_kernel(x_ptr, weight_ptr, bias_ptr, grad_ptr, dx_ptr, dweight_part_ptr, dbias_part_ptr,
                                  length, channels, x_sb, x_sd, x_sl, g_sb, g_sd, g_sl, dx_sb, dx_sd, dx_sl,
-                                 WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    batch = tl.program_id(2).to(tl.int64)
-    d_mask = offs_d < channels
-    x_base = x_ptr + batch * x_sb + offs_d[None, :] * x_sd
+                                 WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
+    # A program walks TILES consecutive tiles of BLOCK_L tokens (small tiles keep the W x W shifted loads in
+    # registers; several per program keep the dweight / dbias partial buffers small).
+    offs_t, offs_d, batch, d_mask, x_base = _tile(x_ptr, x_sb, x_sd, channels, TILES * BLOCK_L, BLOCK_L, BLOCK_D)
     grad_base = grad_ptr + batch * g_sb + offs_d[None, :] * g_sd
-    dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
-    for j in tl.static_range(WIDTH):
-        # g at the tokens l + j, which dx_l needs through weight[W - 1 - j]
-        positions = offs_l + j
-        p = _silu_preactivation(x_base, x_sl, weight_ptr, bias_ptr, positions, length, offs_d, d_mask, WIDTH,
-                                HAS_BIAS, BLOCK_L, BLOCK_D)
-        s = tl.sigmoid(p)
-        inside = (positions < length)[:, None] & d_mask[None, :]
-        dout = tl.load(grad_base + positions[:, None] * g_sl, mask=inside, other=0.0).to(tl.float32)
-        g = dout * s * (1.0 + p * (1.0 - s))
-        w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=d_mask, other=0.0).to(tl.float32)
-        dx += g * w[None, :]
-        if j == 0:  # the tile's own tokens: its share of dweight and dbias
-            tile = (batch * tl.num_programs(0) + tl.program_id(0)) * channels
-            if HAS_BIAS:
-                tl.store(dbias_part_ptr + tile + offs_d, tl.sum(g, axis=0), mask=d_mask)
-            for k in tl.static_range(WIDTH):
-                source = offs_l - (WIDTH - 1) + k
-                valid = (source >= 0) & (source < length)
-                x = tl.load(x_base + source[:, None] * x_sl, mask=valid[:, None] & d_mask[None, :], other=0.0)
-                tl.store(dweight_part_ptr + (tile + offs_d) * WIDTH + k, tl.sum(x.to(tl.float32) * g, axis=0),
-                         mask=d_mask)
-    tl.store(dx_ptr + batch * dx_sb + offs_l[:, None] * dx_sl + offs_d[None, :] * dx_sd,
-             dx.to(dx_ptr.dtype.element_ty), mask=(offs_l < length)[:, None] & d_mask[None, :])
+    taps = tl.arange(0, WIDTH_PAD)
+    dweight = tl.zeros((BLOCK_D, WIDTH_PAD), tl.float32)
+    dbias = tl.zeros((BLOCK_D,), tl.float32)
+    for tile in range(TILES):
+        offs_l = offs_t + tile * BLOCK_L
+        dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+        for j in tl.static_range(WIDTH):
+            # g at the tokens l + j, which dx_l needs through weight[W - 1 - j]
+            positions = offs_l + j
+            p = _silu_preactivation(x_base, x_sl, weight_ptr, bias_ptr, positions, length, offs_d, d_mask, WIDTH,
+                                    HAS_BIAS, BLOCK_L, BLOCK_D)
+            s = tl.sigmoid(p)
+            inside = (positions < length)[:, None] & d_mask[None, :]
+            dout = tl.load(grad_base + positions[:, None] * g_sl, mask=inside, other=0.0).to(tl.float32)
+            g = dout * s * (1.0 + p * (1.0 - s))
+            w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=d_mask, other=0.0).to(tl.float32)
+            dx += g * w[None, :]
+            if j == 0:  # the tile's own tokens: their share of dweight and dbias
+                dbias += tl.sum(g, axis=0)
+                for k in tl.static_range(WIDTH):
+                    source = offs_l - (WIDTH - 1) + k
+                    valid = (source >= 0) & (source < length)
+                    x = tl.load(x_base + source[:, None] * x_sl, mask=valid[:, None] & d_mask[None, :], other=0.0)
+                    tap_sum = tl.sum(x.to(tl.float32) * g, axis=0)
+                    dweight += tl.where(taps[None, :] == k, tap_sum[:, None], 0.0)
+        tl.store(dx_ptr + batch * dx_sb + offs_l[:, None] * dx_sl + offs_d[None, :] * dx_sd,
+                 dx.to(dx_ptr.dtype.element_ty), mask=(offs_l < length)[:, None] & d_mask[None, :])
+    part = (batch * tl.num_programs(0) + tl.program_id(0)) * channels + offs_d
+    tl.store(dweight_part_ptr + part[:, None] * WIDTH + taps[None, :], dweight,
+             mask=d_mask[:, None] & (taps[None, :] < WIDTH))
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + part, dbias, mask=d_mask)
 
 
 def _token_major_like(x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +125,9 @@ def _token_major_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, length, channels, device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
-def _grid(x: torch.Tensor):
+def _grid(x: torch.Tensor, tokens_per_program: int):
     batch, channels, length = x.shape
-    return triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D), batch
+    return triton.cdiv(length, tokens_per_program), triton.cdiv(channels, BLOCK_D), batch
 
 
 class CausalConv1dSiLU(torch.autograd.Function):
@@ -120,7 +138,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
         weight = weight.contiguous()
         out = _token_major_like(x)
         bias_arg = weight if bias is None else bias.contiguous()  # any pointer: HAS_BIAS=False never reads it
-        _causal_conv_forward_kernel[_grid(x)](
+        _causal_conv_forward_kernel[_grid(x, BLOCK_L)](
             x, weight, bias_arg, out, x.shape[2], x.shape[1], *x.stride(), *out.stride(),
             WIDTH=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
         ctx.save_for_backward(x, weight, bias)
@@ -129,17 +147,18 @@ class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
-        n_length_blocks, _, batch = _grid(x)
+        grid = _grid(x, BACKWARD_BLOCK_L * BACKWARD_TILES)
+        batch_programs = grid[0] * grid[2]
         channels, width = weight.shape
         dx = _token_major_like(x)
-        dweight_part = torch.empty(batch * n_length_blocks, channels, width, device=x.device, dtype=torch.float32)
-        dbias_part = (torch.empty(batch * n_length_blocks, channels, device=x.device, dtype=torch.float32)
+        dweight_part = torch.empty(batch_programs, channels, width, device=x.device, dtype=torch.float32)
+        dbias_part = (torch.empty(batch_programs, channels, device=x.device, dtype=torch.float32)
                       if bias is not None else dweight_part)
         bias_arg = weight if bias is None else bias
-        _causal_conv_backward_kernel[_grid(x)](
+        _causal_conv_backward_kernel[grid](
             x, weight, bias_arg, grad_out, dx, dweight_part, dbias_part, x.shape[2], channels, *x.stride(),
-            *grad_out.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L,
-            BLOCK_D=BLOCK_D)
+            *grad_out.stride(), *dx.stride(), WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width),
+            HAS_BIAS=bias is not None, BLOCK_L=BACKWARD_BLOCK_L, BLOCK_D=BLOCK_D, TILES=BACKWARD_TILES)
         dweight = dweight_part.sum(0).to(weight.dtype)
         dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dweight, dbias

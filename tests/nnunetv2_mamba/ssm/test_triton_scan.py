@@ -131,10 +131,12 @@ def fused_layer_case():
     return results
 
 
-# (batch, channels, length, width, bias, x layout, dtype): more length blocks than one (BLOCK_L = 128), a partly
-# masked channel block (BLOCK_D = 32), sequences shorter than the conv, the layer's strided half of xz, bf16.
+# (batch, channels, length, width, bias, x layout, dtype): several forward tiles (64 tokens) and backward programs
+# (16 tiles of 16 tokens), a partly masked channel block (32 channels), sequences shorter than the conv, the layer's
+# strided half of xz, bf16.
 CONV_CASES = [
     (2, 6, 37, 4, True, "contiguous", "fp32"),
+    (2, 4, 600, 4, True, "xz_half", "fp32"),
     (1, 40, 130, 4, True, "xz_half", "fp32"),
     (2, 5, 3, 4, False, "contiguous", "fp32"),
     (1, 3, 1, 3, True, "xz_half", "fp32"),
