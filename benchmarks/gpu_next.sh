@@ -2,7 +2,7 @@
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
 #   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|networks
 # first:    (a) layer timings on an idle GPU: triton unfused vs fused layer Function (both with the Triton causal
-#           conv), mamba_ssm, bf16 and fp32; (b) then, concurrently (no timings): every GPU test
+#           conv), mamba_ssm, bf16 and fp32, and the per-kernel profile of both layers; (b) then, concurrently (no timings): every GPU test
 #           that is not e2e (Triton file included), the memory calibration of the families not yet measured under
 #           the bf16 mixer policy (two streams), and the preparation of issue 15's 288^3 dataset in .gpu_work/
 #           (kept for the next call while the machine stays warm).
@@ -45,6 +45,10 @@ case "$what" in
           --dtype $dtype --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/layer_fused${fused}_$dtype.log" 2>&1
         tail -n 3 "$out/layer_fused${fused}_$dtype.log"
       done
+    done
+    for dtype in bf16 fp32; do
+      timeout 60 python3 benchmarks/profile_layer.py --dtype $dtype --backends triton mamba_ssm > "$out/profile_$dtype.log" 2>&1
+      grep "ms in all" "$out/profile_$dtype.log"
     done
     left=$((540 - SECONDS))
     timeout $left python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests.log" 2>&1 &

@@ -1,0 +1,93 @@
+"""Profile one Mamba layer's forward + backward on the GPU: CUDA time per kernel, grouped, per backend; prints tables.
+
+    python benchmarks/profile_layer.py --shape 2x2097152x32 --dtype bf16 --backends triton mamba_ssm
+
+For each backend: a few warm-up steps, then ``--steps`` steps under ``torch.profiler``; the table lists the kernels
+by CUDA time per step with a coarse group (scan, conv, GEMM, elementwise, copy, reduction), so that the part of the
+layer outside the scan can be compared between backends (BENCHMARKS.md, 2026-12-02: the triton layer is slower
+under bf16 autocast than in fp32, mamba_ssm faster).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from nnunetv2_mamba.layers import Mamba
+
+GROUPS = (("scan", ("chunk_", "selective_scan", "scan")), ("conv", ("conv", "causal")),
+          ("GEMM", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "matmul")),
+          ("copy", ("copy", "cat", "transpose")), ("reduction", ("reduce", "sum")))
+
+
+def group_of(kernel_name: str) -> str:
+    lowered = kernel_name.lower()
+    for group, needles in GROUPS:
+        if any(needle in lowered for needle in needles):
+            return group
+    return "elementwise/other"
+
+
+def profile_backend(backend: str, shape, dtype, steps: int, warmup: int):
+    batch, length, d_model = shape
+    torch.manual_seed(0)
+    layer = Mamba(d_model, backend=backend).cuda()
+    tokens = torch.randn(batch, length, d_model, device="cuda", requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = layer(tokens)
+        out.float().square().mean().backward()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = collections.Counter()
+    for event in prof.key_averages():
+        if getattr(event, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
+            continue  # CPU-side operator rows would count their kernels twice
+        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if time_us and event.key and not event.key.startswith("ProfilerStep"):
+            kernels[event.key] += time_us / 1000 / steps
+    return kernels
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="2x2097152x32", help="batch x tokens x d_model")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16",
+                        help="fp32, or autocast to bf16 / fp16")
+    parser.add_argument("--backends", nargs="+", default=["triton", "mamba_ssm"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_layer.py needs a CUDA GPU.")
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    print(f"device: {torch.cuda.get_device_name()}, Mamba({shape[2]}) on {shape[0]} x {shape[1]} tokens, "
+          f"{args.dtype}, CUDA ms per forward + backward step ({args.steps} profiled after {args.warmup} warm-up)")
+    for backend in args.backends:
+        kernels = profile_backend(backend, shape, dtype, args.steps, args.warmup)
+        groups = collections.Counter()
+        for name, ms in kernels.items():
+            groups[group_of(name)] += ms
+        print(f"\n{backend}: {sum(kernels.values()):.1f} ms in all; by group: "
+              + ", ".join(f"{group} {ms:.1f}" for group, ms in groups.most_common()))
+        print("| kernel | group | ms / step |\n|---|---|---|")
+        for name, ms in kernels.most_common(args.top):
+            print(f"| {name[:90]} | {group_of(name)} | {ms:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
