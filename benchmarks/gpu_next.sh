@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
 #   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|networks
-# first:    (a) layer timings on an idle GPU: triton unfused vs fused layer Function (both with the Triton causal
-#           conv), mamba_ssm, bf16 and fp32, and the per-kernel profile of both layers; (b) then, concurrently (no timings): every GPU test
+# first:    (a) layer timings on an idle GPU: the triton layer with torch's conv, with the Triton conv
+#           ($NNUNETV2_MAMBA_TRITON_CONV), the fused Function, mamba_ssm; bf16 and fp32; the per-kernel profile of
+#           both layers; (b) then, concurrently (no timings): every GPU test
 #           that is not e2e (Triton file included), the memory calibration of the families not yet measured under
 #           the bf16 mixer policy (two streams), and the preparation of issue 15's 288^3 dataset in .gpu_work/
 #           (kept for the next call while the machine stays warm).
@@ -39,17 +40,18 @@ case "$what" in
     # CPU only: the dataset of the next call, prepared through the test's own fixture (no trainer selected)
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" timeout 560 python3 -m pytest "$plan_test" -q -m "gpu and e2e" \
       -k prepared > "$out/plan_prepare.log" 2>&1 &
-    for fused in 0 1; do
-      for dtype in bf16 fp32; do
-        NNUNETV2_MAMBA_TRITON_FUSED=$fused timeout 90 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32 \
-          --dtype $dtype --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/layer_fused${fused}_$dtype.log" 2>&1
-        tail -n 3 "$out/layer_fused${fused}_$dtype.log"
+    for dtype in bf16 fp32; do  # torch conv, Triton conv, fused Function (Triton conv)
+      for mode in "CONV=0 FUSED=0" "CONV=1 FUSED=0" "CONV=1 FUSED=1"; do
+        set -- $mode; echo "== triton $mode, $dtype" >> "$out/layers.log"  # one file: the device returns few
+        env NNUNETV2_MAMBA_TRITON_$1 NNUNETV2_MAMBA_TRITON_$2 timeout 90 python3 benchmarks/benchmark_scan.py \
+          --shapes 2x2097152x32 --dtype $dtype --steps 5 --warmup 2 --backends triton mamba_ssm >> "$out/layers.log" 2>&1
       done
     done
     for dtype in bf16 fp32; do
-      timeout 60 python3 benchmarks/profile_layer.py --dtype $dtype --backends triton mamba_ssm > "$out/profile_$dtype.log" 2>&1
-      grep "ms in all" "$out/profile_$dtype.log"
+      NNUNETV2_MAMBA_TRITON_CONV=1 timeout 60 python3 benchmarks/profile_layer.py --dtype $dtype --backends triton mamba_ssm \
+        >> "$out/profiles.log" 2>&1
     done
+    grep "^==\|2x2097152x32" "$out/layers.log"; grep "ms in all" "$out/profiles.log"
     left=$((540 - SECONDS))
     timeout $left python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests.log" 2>&1 &
     timeout $left bash -c "$(declare -f calibrate); out=$out; calibrate calibration_a.log SegMamba BiSegMamba MultiSegMamba" &

@@ -57,7 +57,10 @@ class TritonBackend(ScanBackend):
         return None
 
     def causal_conv1d(self):
-        # Our Triton conv + SiLU (triton_conv.py): torch's grouped conv cost the layer ~3x mamba_ssm's outside the scan.
+        # Our Triton conv + SiLU (triton_conv.py), opt-in ($NNUNETV2_MAMBA_TRITON_CONV=1) until timed on the GPU:
+        # torch's grouped conv and the projections cost the layer ~3x mamba_ssm's outside the scan.
+        if os.environ.get("NNUNETV2_MAMBA_TRITON_CONV", "0") in ("", "0"):
+            return None
         from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
         return causal_conv1d_silu
 

@@ -106,6 +106,7 @@ def fused_layer_case():
     layer = Mamba(d_model=8, d_state=4, backend="triton")
     tokens = torch.randn(2, 3 * CHUNK - 1, 8, generator=torch.Generator().manual_seed(2))
     results, grads, outputs = {}, {}, {}
+    os.environ["NNUNETV2_MAMBA_TRITON_CONV"] = "1"  # the unfused path with the Triton conv the fused Function uses
     for mode, flag in (("unfused", "0"), ("fused", "1")):
         os.environ["NNUNETV2_MAMBA_TRITON_FUSED"] = flag
         layer.zero_grad(set_to_none=True)

@@ -108,8 +108,11 @@ def test_output_dtypes_follow_inputs():
 
 
 @pytest.mark.skipif(not get_backend("mamba_ssm").available(), reason="mamba_ssm is not installed")
-def test_mamba_layer_on_triton_matches_mamba_ssm_layer():
+@pytest.mark.parametrize("triton_conv", ["0", "1"], ids=["torch_conv", "triton_conv"])
+def test_mamba_layer_on_triton_matches_mamba_ssm_layer(triton_conv, monkeypatch):
     from nnunetv2_mamba.layers import Mamba
+
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_CONV", triton_conv)
 
     torch.manual_seed(0)
     layer = Mamba(32, backend="mamba_ssm").cuda()
