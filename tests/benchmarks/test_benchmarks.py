@@ -52,6 +52,15 @@ def test_scan_benchmark_prints_a_row_per_available_backend():
     assert rows[0].rstrip().endswith("| 1.00 |")
 
 
+def test_layer_saved_bytes_fall_with_the_triton_conv_and_the_fused_function():
+    pytest.importorskip("triton")
+    stdout = run_script("layer_saved_bytes.py", "--length", "48", "--d-model", "8")
+    kept = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| layer")}
+    assert set(kept) == {"unfused, torch conv", "unfused, Triton conv", "fused Function"}, stdout
+    assert kept["fused Function"] < kept["unfused, Triton conv"] < kept["unfused, torch conv"], kept
+
+
 def test_vivim_benchmark_reports_frames_per_second(tmp_path):
     result = tmp_path / "fps.json"
     run_script("benchmark_vivim.py", "--device", "cpu", "--frames", "2", "--size", "64", "64", "--repeats", "1",
