@@ -10,7 +10,8 @@
 # plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget
 #           ($PLAN_SELECTION narrows the trainers; the dataset is re-made when .gpu_work/ is gone).
 # calibrate: the memory calibration points still missing (BiSegMamba, Vivim anisotropic, VivimV3, MultiSegMamba).
-# networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton.
+# networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
+#           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
 what="${1:?first|plans|calibrate|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
@@ -78,5 +79,6 @@ case "$what" in
   networks)
     bench mamba_ssm_fp32_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm NNUNETV2_MAMBA_MIXER_DTYPE=fp32
     bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm
-    bench triton NNUNETV2_MAMBA_BACKEND=triton ;;
+    bench triton NNUNETV2_MAMBA_BACKEND=triton
+    bench triton_conv NNUNETV2_MAMBA_BACKEND=triton NNUNETV2_MAMBA_TRITON_CONV=1 ;;
 esac
