@@ -15,11 +15,12 @@ The estimate has three parts (bytes):
   keeps ``xz``, ``x_dbl`` and the conv state instead of what the torch backend saves -- and the transient
   gradient buffers of the backward). It was fitted to peaks measured on the GPU (BENCHMARKS.md, "Memory
   estimate"): per family the factor with the smallest worst relative error over three patch sizes of two
-  topologies (``benchmarks/fit_memory_factors.py``).
+  topologies and, where measured, real ``nnUNetv2_train`` steps of 24 / 40 GB plans
+  (``benchmarks/fit_memory_factors.py``).
 
 To fit a GPU the planner adds a constant for the CUDA context and a planning margin (allocator fragmentation
-and the estimate's error) on top of the peak allocated (``needed_bytes``). Every term is non-negative and grows with the voxels and the batch, so the
-estimate is monotone in patch and batch by construction.
+and the estimate's error) on top of the peak allocated (``needed_bytes``). Every term is non-negative and grows
+with the voxels and the batch, so the estimate is monotone in patch and batch by construction.
 """
 from __future__ import annotations
 
