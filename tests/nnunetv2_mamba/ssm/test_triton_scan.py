@@ -3,6 +3,7 @@
 Triton reads TRITON_INTERPRET when a kernel is decorated, so the cases run in one subprocess started with the
 variable set (this process may already have imported triton); each test checks one case's errors.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -62,6 +63,28 @@ def run_case(length, bc, batch, channels, with_optional, softplus):
     return errors
 
 
+@contextlib.contextmanager
+def saved_storages(left_out):
+    """Yield {storage address: bytes} of what autograd saves for the backward inside the block (each storage once),
+    the storages whose addresses are in ``left_out`` excepted."""
+    import torch
+
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in left_out:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
+
+def storage_addresses(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+
+
 def saved_states_case():
     """Return what the scan saves for its backward beyond its inputs, with the chunk states recomputed (default)
     and kept ($NNUNETV2_MAMBA_TRITON_SAVE_STATES=1), and the largest gradient difference between the two."""
@@ -76,16 +99,7 @@ def saved_states_case():
     for mode, flag in (("recomputed", "0"), ("kept", "1")):
         os.environ["NNUNETV2_MAMBA_TRITON_SAVE_STATES"] = flag
         leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
-        input_storages = {t.untyped_storage().data_ptr() for t in leaves if t is not None}
-        extra = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in input_storages:
-                extra[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with saved_storages(storage_addresses(leaves)) as extra:
             out = selective_scan(*leaves, delta_softplus=True, backend="triton")
         grads[mode] = torch.autograd.grad(out.sum(), [t for t in leaves if t is not None])
         result[f"extra_saved_bytes_{mode}"] = sum(extra.values())
@@ -111,16 +125,7 @@ def fused_layer_case():
         os.environ["NNUNETV2_MAMBA_TRITON_FUSED"] = flag
         layer.zero_grad(set_to_none=True)
         x = tokens.clone().requires_grad_()
-        parameter_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        saved = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameter_storages and storage.data_ptr() != x.untyped_storage().data_ptr():
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with saved_storages(storage_addresses([x, *layer.parameters()])) as saved:
             out = layer(x)
         out.square().sum().backward()
         outputs[mode] = out.detach()
@@ -164,15 +169,7 @@ def conv_case(batch, channels, length, width, with_bias, layout, dtype_name):
     bias = torch.randn(channels, generator=generator) if with_bias else None
     leaves = [x.detach().requires_grad_(), weight.clone().requires_grad_(),
               None if bias is None else bias.clone().requires_grad_()]
-    input_storages = {t.untyped_storage().data_ptr() for t in leaves if t is not None}
-    extra = []
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in input_storages:
-            extra.append(tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_storages(storage_addresses(leaves)) as extra:
         out = causal_conv1d_silu(*leaves)
     grad = torch.randn(out.shape, generator=generator).to(dtype)
     out.backward(grad)
@@ -185,7 +182,7 @@ def conv_case(batch, channels, length, width, with_bias, layout, dtype_name):
         return ((ours.double() - ref).norm() / ref.norm().clamp_min(1e-3)).item()
 
     result = {"out": error(out, expected), "token_major": out.stride(1) == 1, "dtype_ok": out.dtype == dtype and
-              leaves[0].grad.dtype == dtype and leaves[1].grad.dtype == torch.float32, "extra_saved_bytes": sum(extra)}
+              leaves[0].grad.dtype == dtype and leaves[1].grad.dtype == torch.float32, "extra_saved_bytes": sum(extra.values())}
     for name, ours, ref in zip(("dx", "dweight", "dbias"), leaves, references):
         if ours is not None:
             result[name] = error(ours.grad, ref.grad)
