@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
-#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|networks
+#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|tests|networks
 # first:    (a) layer timings on an idle GPU: the triton layer with torch's conv, with the Triton conv
 #           ($NNUNETV2_MAMBA_TRITON_CONV), the fused Function, mamba_ssm; bf16 and fp32; the per-kernel profile of
-#           both layers; (b) then, concurrently (no timings): every GPU test
-#           that is not e2e (Triton file included), the memory calibration of the families not yet measured under
-#           the bf16 mixer policy (two streams), and the preparation of issue 15's 288^3 dataset in .gpu_work/
-#           (kept for the next call while the machine stays warm).
+#           both triton layers and mamba_ssm's; (b) then, concurrently (no timings): the GPU tests of the scan
+#           backends and layers, the memory calibration points still missing (three streams), and the preparation
+#           of issue 15's 288^3 dataset in .gpu_work/ (kept for the next call while the machine stays warm).
 # plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget
 #           ($PLAN_SELECTION narrows the trainers; the dataset is re-made when .gpu_work/ is gone).
 # calibrate: the memory calibration points still missing (BiSegMamba, Vivim anisotropic, VivimV3, MultiSegMamba).
+# tests:    every GPU test that is not e2e.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|networks}"
+what="${1:?first|plans|calibrate|tests|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -27,13 +27,19 @@ bench() {  # label, then env assignments
     --json "$out/bench_$label.json" > "$out/bench_$label.log" 2>&1
   tail -n 9 "$out/bench_$label.log"
 }
-calibrate() {  # log name, networks...
-  local log="$1"; shift
-  for topology in isotropic anisotropic; do
-    if [ "$topology" = isotropic ]; then shapes=(--patches 64 96 128); else
-      shapes=(--patch-sizes 16x128x128 24x192x192 32x256x256); fi
-    python3 benchmarks/calibrate_memory.py --topology "$topology" "${shapes[@]}" --networks "$@" --steps 2 --warmup 1
-  done > "$out/$log" 2>&1
+calibrate_missing() {  # seconds: the calibration points still missing after 2026-12-02 (BENCHMARKS.md), 3 streams
+  local limit="$1"
+  cal() { local log="$1" topology="$2"; shift 2
+    timeout "$limit" python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 "$@" \
+      >> "$out/$log" 2>&1; }
+  (cal cal_biseg.log isotropic --networks BiSegMamba --patches 128
+   cal cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
+   cal cal_biseg.log anisotropic --networks Vivim --patch-sizes 16x128x128 24x192x192 32x256x256) &
+  (cal cal_vivimv3.log isotropic --networks VivimV3 --patches 96 128
+   cal cal_vivimv3.log anisotropic --networks VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256) &
+  (cal cal_multi.log isotropic --networks MultiSegMamba --patches 64 96
+   cal cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256) &
+  wait
 }
 case "$what" in
   first)
@@ -44,38 +50,32 @@ case "$what" in
     for dtype in bf16 fp32; do  # torch conv, Triton conv, fused Function (Triton conv)
       for mode in "CONV=0 FUSED=0" "CONV=1 FUSED=0" "CONV=1 FUSED=1"; do
         set -- $mode; echo "== triton $mode, $dtype" >> "$out/layers.log"  # one file: the device returns few
-        env NNUNETV2_MAMBA_TRITON_$1 NNUNETV2_MAMBA_TRITON_$2 timeout 90 python3 benchmarks/benchmark_scan.py \
+        env NNUNETV2_MAMBA_TRITON_$1 NNUNETV2_MAMBA_TRITON_$2 timeout 70 python3 benchmarks/benchmark_scan.py \
           --shapes 2x2097152x32 --dtype $dtype --steps 5 --warmup 2 --backends triton mamba_ssm >> "$out/layers.log" 2>&1
       done
     done
-    for dtype in bf16 fp32; do
-      NNUNETV2_MAMBA_TRITON_CONV=1 timeout 60 python3 benchmarks/profile_layer.py --dtype $dtype --backends triton mamba_ssm \
-        >> "$out/profiles.log" 2>&1
+    for conv in 0 1; do
+      NNUNETV2_MAMBA_TRITON_CONV=$conv timeout 50 python3 benchmarks/profile_layer.py --dtype bf16 --backends triton \
+        mamba_ssm >> "$out/profiles.log" 2>&1
     done
     grep "^==\|2x2097152x32" "$out/layers.log"; grep "ms in all" "$out/profiles.log"
-    left=$((540 - SECONDS))
-    timeout $left python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests.log" 2>&1 &
-    timeout $left bash -c "$(declare -f calibrate); out=$out; calibrate calibration_a.log SegMamba BiSegMamba MultiSegMamba" &
-    timeout $left bash -c "$(declare -f calibrate); out=$out; calibrate calibration_b.log SegMambaSkip Vivim VivimV3" &
+    left=$((550 - SECONDS))
+    # the GPU tests of what changed since the last GPU run (conv kernel, backends, layers); calibration meanwhile
+    timeout $left python3 -m pytest tests/nnunetv2_mamba/ssm tests/nnunetv2_mamba/layers -m "gpu and not e2e" -q -rs \
+      > "$out/gpu_tests.log" 2>&1 &
+    calibrate_missing $left
     wait
-    tail -n 3 "$out/gpu_tests.log" "$out/plan_prepare.log"; grep -h "estimate" "$out"/calibration_*.log ;;
+    tail -n 3 "$out/gpu_tests.log" "$out/plan_prepare.log"; grep -h "estimate" "$out"/cal_*.log ;;
   plans)  # $PLAN_SELECTION: a pytest -k expression (default: every family)
-    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=120 nnUNet_n_proc_DA=4 \
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=128 nnUNet_n_proc_DA=4 \
       timeout 560 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" ${PLAN_SELECTION:+-k "$PLAN_SELECTION"} \
       > "$out/plan_gpu.log" 2>&1
     grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
-  calibrate)  # the calibration points still missing after 2026-12-02 (BENCHMARKS.md), three streams
-    cal() { local log="$1" topology="$2"; shift 2
-      timeout 540 python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 "$@" >> "$out/$log" 2>&1; }
-    (cal cal_biseg.log isotropic --networks BiSegMamba --patches 128
-     cal cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
-     cal cal_biseg.log anisotropic --networks Vivim --patch-sizes 16x128x128 24x192x192 32x256x256) &
-    (cal cal_vivimv3.log isotropic --networks VivimV3 --patches 96 128
-     cal cal_vivimv3.log anisotropic --networks VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256) &
-    (cal cal_multi.log isotropic --networks MultiSegMamba --patches 64 96
-     cal cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256) &
-    wait
-    grep -h "estimate" "$out"/cal_*.log ;;
+  calibrate)
+    calibrate_missing 540; grep -h "estimate" "$out"/cal_*.log ;;
+  tests)  # every GPU test that is not e2e
+    timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
+    tail -n 5 "$out/gpu_tests_all.log" ;;
   networks)
     bench mamba_ssm_fp32_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm NNUNETV2_MAMBA_MIXER_DTYPE=fp32
     bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm
