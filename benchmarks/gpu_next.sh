@@ -27,18 +27,20 @@ bench() {  # label, then env assignments
     --json "$out/bench_$label.json" > "$out/bench_$label.log" 2>&1
   tail -n 9 "$out/bench_$label.log"
 }
-calibrate_missing() {  # seconds: the calibration points still missing after 2026-12-02 (BENCHMARKS.md), 3 streams
-  local limit="$1"
-  cal() { local log="$1" topology="$2"; shift 2
-    timeout "$limit" python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 "$@" \
-      >> "$out/$log" 2>&1; }
-  (cal cal_biseg.log isotropic --networks BiSegMamba --patches 128
-   cal cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
-   cal cal_biseg.log anisotropic --networks Vivim --patch-sizes 16x128x128 24x192x192 32x256x256) &
-  (cal cal_vivimv3.log isotropic --networks VivimV3 --patches 96 128
-   cal cal_vivimv3.log anisotropic --networks VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256) &
-  (cal cal_multi.log isotropic --networks MultiSegMamba --patches 64 96
-   cal cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256) &
+cal() {  # deadline (seconds since the script started), log, topology, calibrate_memory.py arguments...
+  local deadline="$1" log="$2" topology="$3"; shift 3
+  [ $((deadline - SECONDS)) -gt 20 ] || return 0
+  timeout $((deadline - SECONDS)) python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 \
+    "$@" >> "$out/$log" 2>&1
+}
+calibrate_missing() {  # deadline: the calibration points still missing (BENCHMARKS.md), three streams
+  local end="$1"
+  (cal $end cal_biseg.log isotropic --networks BiSegMamba --patches 128
+   cal $end cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
+   cal $end cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192) &
+  (cal $end cal_vivim.log anisotropic --networks Vivim --patch-sizes 16x128x128 24x192x192 32x256x256
+   cal $end cal_vivim.log anisotropic --networks VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256
+   cal $end cal_multi_iso.log isotropic --networks MultiSegMamba --patches 64 96) &
   wait
 }
 case "$what" in
@@ -59,11 +61,11 @@ case "$what" in
         mamba_ssm >> "$out/profiles.log" 2>&1
     done
     grep "^==\|2x2097152x32" "$out/layers.log"; grep "ms in all" "$out/profiles.log"
-    left=$((550 - SECONDS))
+    left=$((540 - SECONDS))
     # the GPU tests of what changed since the last GPU run (conv kernel, backends, layers); calibration meanwhile
     timeout $left python3 -m pytest tests/nnunetv2_mamba/ssm tests/nnunetv2_mamba/layers -m "gpu and not e2e" -q -rs \
       > "$out/gpu_tests.log" 2>&1 &
-    calibrate_missing $left
+    calibrate_missing 540
     wait
     tail -n 3 "$out/gpu_tests.log" "$out/plan_prepare.log"; grep -h "estimate" "$out"/cal_*.log ;;
   plans)  # $PLAN_SELECTION: a pytest -k expression (default: every family)
@@ -72,7 +74,14 @@ case "$what" in
       > "$out/plan_gpu.log" 2>&1
     grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
   calibrate)
-    calibrate_missing 540; grep -h "estimate" "$out"/cal_*.log ;;
+    calibrate_missing ${CAL_DEADLINE:-540}; grep -h "estimate" "$out"/cal_*.log ;;
+  last)  # MultiSegMamba's two plans (dataset made first) while the missing calibration runs
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=64 nnUNet_n_proc_DA=4 \
+      timeout $((${CAL_DEADLINE:-430} + 60)) python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba \
+      > "$out/plan_gpu.log" 2>&1 &
+    calibrate_missing ${CAL_DEADLINE:-430}; wait
+    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 10
+    grep -h "estimate\|Error" "$out"/cal_*.log | cut -c1-200 ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

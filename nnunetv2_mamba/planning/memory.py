@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -47,6 +48,9 @@ PLANNING_MARGIN = 0.15
 
 #: Families whose default factor is still the fp32-mixer one (one point under the bf16 policy so far).
 FP32_MIXER_ONLY = ("Vivim (ST-Mamba v3)",)
+#: Families whose networks need the in-plane axes of a patch divisible by more than the plan's strides (Vivim's
+#: patch embedding divides H and W by 32, network_architectures/vivim.py), so that the probe can build them.
+PROBE_IN_PLANE_MULTIPLE = {"Vivim": 32, "Vivim (ST-Mamba v3)": 32}
 #: Factors with the mixers in fp32 (``$NNUNETV2_MAMBA_MIXER_DTYPE=fp32``, GPUs without bf16): fitted to one
 #: point per family, the 128^3 / batch-2 peaks of 2026-11-23 (``calibrate_memory.py --derive``).
 FP32_MIXER_FACTORS: Dict[str, float] = {
@@ -149,23 +153,26 @@ def count_saved_bytes(network: nn.Module, inputs: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-def probe_patches(plan) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def probe_patches(plan, in_plane_multiple: int = 1) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Return two small patches of the plan's topology, the second with twice the voxels of the first.
 
     The first is the smallest divisible patch doubled on axis 0 (instance norm needs more than one voxel at the
-    bottleneck), the second also doubles axis 1.
+    bottleneck), the second also doubles axis 1. ``in_plane_multiple``: what the network needs the axes after the
+    first to be divisible by besides the plan's strides (Vivim's patch embedding: 32).
     """
+    assert in_plane_multiple >= 1, in_plane_multiple
     divisor = [int(v) for v in np.prod(np.array(plan.strides, dtype=np.int64), axis=0)]
+    divisor = divisor[:1] + [math.lcm(v, in_plane_multiple) for v in divisor[1:]]
     small = (2 * divisor[0],) + tuple(divisor[1:])
     larger = (small[0], 2 * small[1]) + small[2:]
     return small, larger
 
 
-def probe_activations(build: Callable, plan) -> ActivationProbe:
+def probe_activations(build: Callable, plan, in_plane_multiple: int = 1) -> ActivationProbe:
     """Build the network at the two probe patches on the CPU and fit its fp32 saved bytes per sample."""
     points = []
     n_parameters = 0
-    for patch in probe_patches(plan):
+    for patch in probe_patches(plan, in_plane_multiple):
         probe_plan = dataclasses.replace(plan, patch_size=patch)
         torch.manual_seed(0)
         network = build(probe_plan, True)
@@ -250,7 +257,8 @@ class MemoryEstimator:
             threads = torch.get_num_threads()
             try:
                 with torch.random.fork_rng(devices=[]):
-                    self._probes[key] = probe_activations(self.build, plan)
+                    self._probes[key] = probe_activations(
+                        self.build, plan, PROBE_IN_PLANE_MULTIPLE.get(self.family, 1))
             finally:
                 torch.set_num_threads(threads)
             logger.info("memory probe %s %s: %s", self.family, key[4], self._probes[key])

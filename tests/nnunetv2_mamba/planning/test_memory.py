@@ -127,3 +127,24 @@ def test_default_estimate_is_within_15_percent_of_gpu_peaks(trainer_name, topolo
     plan = _benchmark_plan(patch, topology, monkeypatch)
     estimate = memory.MemoryEstimator.for_trainer(trainer_class).estimate(plan, 2)
     assert estimate.peak_allocated_bytes / memory.GIB == pytest.approx(measured_gib, rel=0.15)
+
+
+def test_probe_patches_respect_an_in_plane_multiple():
+    small, larger = memory.probe_patches(small_plan((48, 64, 80)), in_plane_multiple=32)
+    assert small == (8, 32, 32) and larger == (8, 64, 32)
+
+
+def test_vivim_probes_an_anisotropic_plan(monkeypatch):
+    """The anisotropic calibration plan's strides divide in-plane by 16 only; Vivim's patch embedding needs 32."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    monkeypatch.setenv("NNUNETV2_MAMBA_BENCH_TOPOLOGY", "anisotropic")
+    from benchmark_networks import benchmark_plan, collect_networks
+
+    plan = benchmark_plan((16, 128, 128))
+    estimator = memory.MemoryEstimator("Vivim", collect_networks()["Vivim"])
+    estimate = estimator.estimate(plan, 2)
+    assert estimate.activation_bytes > 0
+    assert estimator.estimate(plan, 2, (32, 256, 256)).activation_bytes > estimate.activation_bytes
