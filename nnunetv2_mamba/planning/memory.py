@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunetv2_mamba.network_architectures.mit import MIT_B3
+
 logger = logging.getLogger(__name__)
 
 GIB = 2 ** 30
@@ -48,9 +50,10 @@ PLANNING_MARGIN = 0.15
 
 #: Families whose default factor is still the fp32-mixer one (one point under the bf16 policy so far).
 FP32_MIXER_ONLY = ("Vivim (ST-Mamba v3)",)
-#: Families whose networks need the in-plane axes of a patch divisible by more than the plan's strides (Vivim's
-#: patch embedding divides H and W by 32, network_architectures/vivim.py), so that the probe can build them.
-PROBE_IN_PLANE_MULTIPLE = {"Vivim": 32, "Vivim (ST-Mamba v3)": 32}
+#: Families whose networks need the in-plane axes of a patch divisible by more than the plan's strides, so that the
+#: probe can build them: Vivim's MiT-B3 patch embeddings divide H and W by their strides' product (32; the check in
+#: network_architectures/vivim.py).
+PROBE_IN_PLANE_MULTIPLE = {family: math.prod(MIT_B3["patch_strides"]) for family in ("Vivim", "Vivim (ST-Mamba v3)")}
 #: Factors with the mixers in fp32 (``$NNUNETV2_MAMBA_MIXER_DTYPE=fp32``, GPUs without bf16): fitted to one
 #: point per family, the 128^3 / batch-2 peaks of 2026-11-23 (``calibrate_memory.py --derive``).
 FP32_MIXER_FACTORS: Dict[str, float] = {

@@ -136,14 +136,9 @@ def test_probe_patches_respect_an_in_plane_multiple():
 
 def test_vivim_probes_an_anisotropic_plan(monkeypatch):
     """The anisotropic calibration plan's strides divide in-plane by 16 only; Vivim's patch embedding needs 32."""
-    import sys
-    from pathlib import Path
+    plan = _benchmark_plan((16, 128, 128), "anisotropic", monkeypatch)
+    from benchmark_networks import collect_networks  # on the path through _benchmark_plan
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
-    monkeypatch.setenv("NNUNETV2_MAMBA_BENCH_TOPOLOGY", "anisotropic")
-    from benchmark_networks import benchmark_plan, collect_networks
-
-    plan = benchmark_plan((16, 128, 128))
     estimator = memory.MemoryEstimator("Vivim", collect_networks()["Vivim"])
     estimate = estimator.estimate(plan, 2)
     assert estimate.activation_bytes > 0
