@@ -4,11 +4,11 @@
 # first:    (a) layer timings on an idle GPU: the triton layer with torch's conv, with the Triton conv
 #           ($NNUNETV2_MAMBA_TRITON_CONV), the fused Function, mamba_ssm; bf16 and fp32; the per-kernel profile of
 #           both triton layers and mamba_ssm's; (b) then, concurrently (no timings): the GPU tests of the scan
-#           backends and layers, the memory calibration points still missing (three streams), and the preparation
+#           backends and layers, the memory calibration points still missing, and the preparation
 #           of issue 15's 288^3 dataset in .gpu_work/ (kept for the next call while the machine stays warm).
 # plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget
 #           ($PLAN_SELECTION narrows the trainers; the dataset is re-made when .gpu_work/ is gone).
-# calibrate: the memory calibration points still missing (BiSegMamba, Vivim anisotropic, VivimV3, MultiSegMamba).
+# calibrate: the memory calibration points still missing (BiSegMamba anisotropic, MultiSegMamba).
 # tests:    every GPU test that is not e2e.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
@@ -33,14 +33,11 @@ cal() {  # deadline (seconds since the script started), log, topology, calibrate
   timeout $((deadline - SECONDS)) python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 \
     "$@" >> "$out/$log" 2>&1
 }
-calibrate_missing() {  # deadline: the calibration points still missing (BENCHMARKS.md), three streams
+calibrate_missing() {  # deadline: the calibration points still missing after 2026-12-02 (BENCHMARKS.md), two streams
   local end="$1"
-  (cal $end cal_biseg.log isotropic --networks BiSegMamba --patches 128
-   cal $end cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
+  (cal $end cal_biseg.log anisotropic --networks BiSegMamba --patch-sizes 16x128x128 24x192x192 32x256x256
    cal $end cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 16x128x128 24x192x192) &
-  (cal $end cal_vivim.log anisotropic --networks Vivim --patch-sizes 16x128x128 24x192x192 32x256x256
-   cal $end cal_vivim.log anisotropic --networks VivimV3 --patch-sizes 16x128x128 24x192x192 32x256x256
-   cal $end cal_multi_iso.log isotropic --networks MultiSegMamba --patches 64 96) &
+  (cal $end cal_multi_iso.log isotropic --networks MultiSegMamba --patches 64 96) &
   wait
 }
 case "$what" in
