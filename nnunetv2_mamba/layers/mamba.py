@@ -67,8 +67,9 @@ class Mamba(nn.Module):
             return fused_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
                                delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, length)
-        x, z = xz.chunk(2, dim=1)
+        # Split before transposing: the two halves' gradients then meet in in_proj's (batch, length, 2 d_inner)
+        # layout, so its backward GEMM reads them without a transposing copy.
+        x, z = (half.transpose(1, 2) for half in self.in_proj(hidden_states).chunk(2, dim=-1))  # (batch, d_inner, L)
         fused_conv = backend.causal_conv1d() if fusable else None
         if fused_conv is not None:
             x = fused_conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")

@@ -57,9 +57,10 @@ class TritonBackend(ScanBackend):
         return None
 
     def causal_conv1d(self):
-        # Our Triton conv + SiLU (triton_conv.py), opt-in ($NNUNETV2_MAMBA_TRITON_CONV=1) until timed on the GPU:
-        # torch's grouped conv and the projections cost the layer ~3x mamba_ssm's outside the scan.
-        if os.environ.get("NNUNETV2_MAMBA_TRITON_CONV", "0") in ("", "0"):
+        # Our Triton conv + SiLU (triton_conv.py) by default: on one H200 it took the layer's forward+backward at
+        # 2 x 128^3 tokens from 158 to 122 ms (bf16) and 138 to 111 ms (fp32), peak -1 / -2 GiB (BENCHMARKS.md,
+        # 2026-12-02). $NNUNETV2_MAMBA_TRITON_CONV=0 falls back to torch's grouped conv (for comparisons).
+        if os.environ.get("NNUNETV2_MAMBA_TRITON_CONV", "1") in ("", "0"):
             return None
         from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
         return causal_conv1d_silu

@@ -60,7 +60,7 @@ class MambaInnerTriton(torch.autograd.Function):
         plan, groups = make_plan(u, A, B, C)
         du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(
             u.detach(), delta.detach(), A, B.detach(), C.detach(), D, z, delta_bias, ctx.delta_softplus, plan,
-            groups, grad_y.contiguous())
+            groups, grad_y)  # read through its strides: token-major as out_proj's backward gives it
         # Through x_proj, dt_proj and the conv: one backward over the recomputed graph from its four outputs.
         torch.autograd.backward([u, delta, B, C], [du, ddelta, dB, dC])
         dx, dconv_weight, dconv_bias, dx_proj_weight, ddt_proj_weight = (t.grad if t is not None else None

@@ -338,7 +338,7 @@ def _chunk_grad_kernel(
         B_ptr, sB0, sB1, sB2, sB3, C_ptr, sC0, sC1, sC2, sC3,
         D_ptr, z_ptr, sz_b, sz_d, sz_l, dout_ptr, sg_b, sg_d, sg_l,
         start_ptr, carry_ptr,
-        du_ptr, ddt_ptr, dz_ptr,  # (batch, D, L) contiguous
+        du_ptr, ddt_ptr, sdu_b, sdu_d, sdu_l, dz_ptr, sdz_b, sdz_d, sdz_l,  # du and ddt share one layout
         dB_ptr, dC_ptr,  # variable: fp32 (batch, G, N, L) contiguous; time-invariant: partial (batch * K, D, N)
         dA_ptr, dD_ptr, dbias_ptr,  # partial sums: (batch * K, D, N), (batch * K, D), (batch * K, D)
         D, L, K, channels_per_group, blocks_per_program, groups,
@@ -377,12 +377,12 @@ def _chunk_grad_kernel(
         if HAS_D:
             D_val = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
             y += D_val[None, :] * u
-        out_offs = (b * D + d[None, :]) * L + t[:, None]
         if HAS_Z:
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             sig = 1.0 / (1.0 + tl.exp(-zv))
             dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
-            tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + b * sdz_b + t[:, None] * sdz_l + d[None, :].to(tl.int64) * sdz_d,
+                     dz.to(dz_ptr.dtype.element_ty), mask=mask)
             dy = dout * zv * sig
         else:
             dy = dout
@@ -407,8 +407,9 @@ def _chunk_grad_kernel(
         if SOFTPLUS:
             ddt = ddt / (1.0 + tl.exp(-raw))
         ddt = tl.where(mask, ddt, 0.0)
-        tl.store(du_ptr + out_offs, du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddt_ptr + out_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+        grad_offs = b * sdu_b + t[:, None] * sdu_l + d[None, :].to(tl.int64) * sdu_d
+        tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddt_ptr + grad_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
         part_dn = ((b * K + k) * D + d[:, None]) * N + n[None, :]
         tl.store(dA_ptr + part_dn, tl.sum(g_prev * dt[:, :, None], axis=0), mask=dn_mask)
@@ -498,6 +499,20 @@ def _token_strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _empty_in_layout_of(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Return an empty (batch, D, L) tensor stored like x: token-major ((batch, L, D) memory) when x has unit
+    stride along the channels, as the layers' tensors do (conv output, dt_proj output, halves of in_proj's output).
+
+    The kernels read and write through strides; what the layout saves is torch's copies around them: the output
+    then feeds out_proj's GEMM as it is, and du / ddelta / dz reach the GEMMs' backward and the conv's without a
+    transposing copy or a mixed-layout add.
+    """
+    batch, channels, length = x.shape
+    if x.stride(1) == 1 and channels > 1:
+        return torch.empty(batch, length, channels, device=x.device, dtype=dtype or x.dtype).transpose(1, 2)
+    return torch.empty(batch, channels, length, device=x.device, dtype=dtype or x.dtype)
+
+
 def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> torch.Tensor:
     """Return the states entering every chunk, (batch, K + 1, D, N) fp32; the last slot is the final state.
 
@@ -530,7 +545,7 @@ def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, k
     common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
                   num_warps=plan.warps)
     starts = _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan) if K > 1 or keep_states else None
-    out = torch.empty(batch, channels, length, device=u.device, dtype=u.dtype)
+    out = _empty_in_layout_of(u)
     _chunk_output_kernel[plan.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
         B, *sB, C, *sC, dummy if D is None else D, dummy if z is None else z,
@@ -644,9 +659,9 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         _carry(adj, dtsum, A2, carries, forward=False)
         del adj
 
-        du = torch.empty(batch, channels, length, device=dev, dtype=u.dtype)
-        ddelta = torch.empty(batch, channels, length, device=dev, dtype=delta.dtype)
-        dz = torch.empty(batch, channels, length, device=dev, dtype=z.dtype) if z is not None else None
+        du = _empty_in_layout_of(u)
+        ddelta = _empty_in_layout_of(u, delta.dtype)  # the kernel writes both through one set of strides
+        dz = _empty_in_layout_of(z) if z is not None else None
         partial_dn = torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
 
         def bc_grad_buffer(mat, variable):
@@ -663,7 +678,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
             u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
             dummy if D is None else D, dummy if z is None else z, *z_strides,
             grad_out, *_token_strides(grad_out), starts, carries,
-            du, ddelta, dummy if dz is None else dz, dB_buf, dC_buf, partial_dn,
+            du, ddelta, *_token_strides(du), dummy if dz is None else dz,
+            *(_token_strides(dz) if dz is not None else (0, 0, 0)), dB_buf, dC_buf, partial_dn,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
             channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
             B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,

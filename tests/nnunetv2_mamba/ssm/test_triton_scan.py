@@ -189,6 +189,44 @@ def conv_case(batch, channels, length, width, with_bias, layout, dtype_name):
     return result
 
 
+def layer_copies_case():
+    """Return the copies (op, elements) of tensors of at least batch x length x d_inner elements that the triton
+    layer's forward + backward makes, and the elementwise ops whose operands differ in layout: the kernels read and
+    write through strides, so every such copy is avoidable traffic (a transposing copy on the GPU)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nnunetv2_mamba.layers import Mamba
+
+    os.environ.pop("NNUNETV2_MAMBA_TRITON_FUSED", None)  # the default layer: unfused, Triton conv
+    os.environ.pop("NNUNETV2_MAMBA_TRITON_CONV", None)
+    batch, length, d_model = 2, 3 * CHUNK + 5, 8
+    layer = Mamba(d_model=d_model, d_state=4, backend="triton")
+    smallest = batch * length * layer.d_inner
+    copies, mixed = [], []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func)
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]  # the interpreter's
+            # own argument copies are flat
+            if name.startswith(("aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous")) and tensors \
+                    and tensors[0].numel() >= smallest:
+                copies.append([name, tensors[0].numel()])
+            if name.startswith(("aten.add", "aten.mul", "aten.sub")) and len(tensors) == 2 \
+                    and tensors[0].shape == tensors[1].shape and tensors[0].stride() != tensors[1].stride() \
+                    and 0 not in tensors[0].stride() + tensors[1].stride():  # not a broadcast gradient
+                mixed.append([name, list(tensors[0].stride()), list(tensors[1].stride())])
+            return out
+
+    tokens = torch.randn(batch, length, d_model, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    with Recorder():
+        layer(tokens).square().sum().backward()
+    return {"copies": copies, "mixed_layout_ops": mixed, "grads_present": all(
+        p.grad is not None for p in layer.parameters()) and tokens.grad is not None}
+
+
 def main():
     for case in CASES:
         print(json.dumps(run_case(*case)), flush=True)
@@ -196,6 +234,7 @@ def main():
     print(json.dumps(fused_layer_case()), flush=True)
     for case in CONV_CASES:
         print(json.dumps(conv_case(*case)), flush=True)
+    print(json.dumps(layer_copies_case()), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +248,7 @@ def interpreted_results():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == len(CASES) + 2 + len(CONV_CASES), done.stdout[-2000:]
+    assert len(lines) == len(CASES) + 2 + len(CONV_CASES) + 1, done.stdout[-2000:]
     return lines
 
 
@@ -252,6 +291,15 @@ def test_interpreted_causal_conv_matches_torch_conv(interpreted_results, index):
     assert not bad, f"case {CONV_IDS[index]}: errors above {tolerance}: {bad}"
 
 
+def test_triton_layer_makes_no_copies_around_the_kernels(interpreted_results):
+    """The Mamba layer on the triton backend (Triton conv, the default): no transposing copy of a (batch, length,
+    d_inner)-sized tensor in the forward or the backward (out_proj's input, ddelta, dxz used to be copied), and no
+    elementwise op on operands of different layouts (du + x_proj's gradient used to be one)."""
+    result = interpreted_results[-1]
+    assert result["grads_present"], result
+    assert result["copies"] == [] and result["mixed_layout_ops"] == [], result
+
+
 def test_backend_is_unavailable_for_cpu_tensors_without_the_interpreter():
     import torch
 
@@ -261,3 +309,14 @@ def test_backend_is_unavailable_for_cpu_tensors_without_the_interpreter():
         pytest.skip("this process runs under TRITON_INTERPRET")
     reason = get_backend("triton").unsupported_reason(torch.zeros(1, 2, 3), torch.zeros(2, 4))
     assert reason is not None and "backend='torch'" in reason
+
+
+def test_triton_layer_uses_the_triton_conv_by_default(monkeypatch):
+    """The unfused triton layer runs our causal conv unless $NNUNETV2_MAMBA_TRITON_CONV=0 asks for torch's."""
+    from nnunetv2_mamba.ssm import get_backend
+    from nnunetv2_mamba.ssm.backends.triton_conv import causal_conv1d_silu
+
+    monkeypatch.delenv("NNUNETV2_MAMBA_TRITON_CONV", raising=False)
+    assert get_backend("triton").causal_conv1d() is causal_conv1d_silu
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_CONV", "0")
+    assert get_backend("triton").causal_conv1d() is None
