@@ -13,7 +13,7 @@
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|tests|networks}"
+what="${1:?first|plans|calibrate|finish|last|tests|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -72,6 +72,34 @@ case "$what" in
     grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
   calibrate)
     calibrate_missing ${CAL_DEADLINE:-540}; grep -h "estimate" "$out"/cal_*.log ;;
+  finish)  # MultiSegMamba's two plans alone on the CPUs (dataset first); meanwhile the GPU tests of the scan backends
+    # and layers, then MultiSegMamba's isotropic calibration with few CPU threads (its CPU probe stalled beside the
+    # dataset preparation on 2026-12-02, fourth session)
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=64 nnUNet_n_proc_DA=4 \
+      timeout 540 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba \
+      > "$out/plan_gpu.log" 2>&1 &
+    (for dtype in bf16 fp32; do  # the layer as it now is (Triton conv by default, no copies) vs mamba_ssm
+       timeout 60 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32 --dtype $dtype --steps 5 --warmup 2 \
+         --backends triton mamba_ssm >> "$out/layers.log" 2>&1
+     done
+     timeout 200 python3 -m pytest tests/nnunetv2_mamba/ssm tests/nnunetv2_mamba/layers -m "gpu and not e2e" -q -rs \
+       > "$out/gpu_tests.log" 2>&1
+     OMP_NUM_THREADS=4 cal 530 cal_multi_iso.log isotropic --networks MultiSegMamba --patches 64 96) &
+    wait
+    tail -n 4 "$plan_root"/logs/* > "$out/plan_steps.log" 2>&1
+    grep "2x2097152x32" "$out/layers.log"; tail -n 3 "$out/gpu_tests.log"; grep -h "estimate" "$out"/cal_*.log
+    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 10 ;;
+  finish24)  # MultiSegMamba's 24 GB plan alone (its planner was killed beside the 40 GB run in `finish`), and its
+    # anisotropic calibration at 32x256x256 on the GPU meanwhile
+    NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_PLAN_BUDGETS=24 nnUNet_n_proc_DA=4 \
+      timeout 420 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba \
+      > "$out/plan_gpu.log" 2>&1 &
+    (timeout 60 python3 benchmarks/profile_layer.py --dtype bf16 --backends triton mamba_ssm > "$out/profiles.log" 2>&1
+     OMP_NUM_THREADS=4 cal 400 cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 32x256x256) &
+    wait
+    tail -n 4 "$plan_root"/logs/* > "$out/plan_steps.log" 2>&1; grep -h "estimate" "$out"/cal_*.log
+    grep "ms in all" "$out/profiles.log"
+    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 10 ;;
   last)  # MultiSegMamba's two plans (dataset made first) while the missing calibration runs
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=64 nnUNet_n_proc_DA=4 \
       timeout $((${CAL_DEADLINE:-430} + 60)) python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba \

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nnunetv2_mamba.layers import Mamba
 
-GROUPS = (("scan", ("chunk_", "selective_scan", "scan")), ("conv", ("conv", "causal")),
+GROUPS = (("scan", ("chunk_", "carry_", "selective_scan", "scan")), ("conv", ("conv", "causal")),
           ("GEMM", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "matmul")),
           ("copy", ("copy", "cat", "transpose")), ("reduction", ("reduce", "sum")))
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=["triton", "mamba_ssm"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_layer.py needs a CUDA GPU.")

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from nnunetv2_mamba.ssm.backends.base import autocast_disabled
+
 MIXER_DTYPE_ENV_VAR = "NNUNETV2_MAMBA_MIXER_DTYPE"
 MIXER_DTYPE_CHOICES = ("auto", "fp32", "bf16")
 
@@ -47,7 +49,7 @@ def run_in_fp32(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     bf16 is cast too: it would otherwise reach fp32 LayerNorm weights. The result stays fp32; the next
     convolution re-casts it under autocast.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         return function(x)
@@ -60,7 +62,7 @@ def run_mixer(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     (LayerNorm runs in fp32 under autocast); the result is in bf16 or fp32, and the next convolution re-casts
     it, as with the fp32 policy.
     """
-    autocast_enabled = torch.is_autocast_enabled(x.device.type)
+    autocast_enabled = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     if mixer_dtype(x.device.type, autocast_enabled) is torch.bfloat16:
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
             return function(x)

@@ -1,5 +1,7 @@
 """The memory estimator: saved-tensor counting, the linear probe fit, monotonicity, the calibration."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -48,6 +50,29 @@ def test_probe_fit_matches_a_direct_count(estimator):
     fitted = probe.saved_intercept_bytes + probe.saved_bytes_per_voxel * 16 ** 3
     assert fitted == pytest.approx(measured, rel=0.05)
     assert probe.n_parameters == sum(p.numel() for p in network.parameters())
+
+
+def test_probe_on_the_meta_device_counts_what_the_cpu_forward_saves(monkeypatch):
+    """The probe runs the network on the meta device (no RAM for the activations: a deep topology's probe patch once
+    got the planner killed); its counts equal a real CPU forward's at both probe patches, to the byte, with the scan
+    cut into several chunks (the torch backend's meta shortcut saves the same chunk-start states as its loop)."""
+    monkeypatch.setenv("NNUNETV2_MAMBA_TORCH_CHUNK", "1")  # the bottleneck has 2-4 tokens: 2-4 chunks
+    plan = small_plan((16, 16, 16))
+    devices = []
+    real_count = memory.count_saved_bytes
+
+    def recording_count(network, inputs):
+        devices.append(inputs.device.type)
+        return real_count(network, inputs)
+
+    monkeypatch.setattr(memory, "count_saved_bytes", recording_count)
+    probe = memory.probe_activations(nnUNetTrainerUMambaBot.build_network, plan)
+    assert devices == ["meta", "meta"]
+    for patch in memory.probe_patches(plan):
+        network = nnUNetTrainerUMambaBot.build_network(dataclasses.replace(plan, patch_size=patch), True)
+        voxels = patch[0] * patch[1] * patch[2]
+        on_cpu = real_count(network, torch.randn(1, 1, *patch))
+        assert probe.saved_intercept_bytes + probe.saved_bytes_per_voxel * voxels == pytest.approx(on_cpu, abs=1)
 
 
 def test_estimate_is_monotone_in_patch_and_batch(estimator):

@@ -12,7 +12,8 @@ and batch differ), so the test links it instead of running ``nnUNetv2_preprocess
 
 The (trainer, budget) runs are independent processes, each capped at its own budget, so they may share one large GPU:
 ``$NNUNETV2_MAMBA_TEST_CONCURRENT_GB`` (default 0: one at a time) lets runs start while the budgets of those running
-add up to at most that many GB.
+add up to at most that many GB. ``$NNUNETV2_MAMBA_TEST_PLAN_BUDGETS`` (default "24,40") narrows the budgets run, for a
+device call that finishes one budget left by an earlier call; the 40 GB > 24 GB comparison needs both.
 """
 import json
 import os
@@ -26,7 +27,7 @@ import pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 
 DATASET_ID = 984
-BUDGETS_GB = (24, 40)
+BUDGETS_GB = tuple(int(gb) for gb in os.environ.get("NNUNETV2_MAMBA_TEST_PLAN_BUDGETS", "24,40").split(","))
 FAMILY_TRAINERS = ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerLoGVMamba",
                    "nnUNetTrainerSegMamba", "nnUNetTrainerBiSegMamba", "nnUNetTrainerSegMambaSkip",
                    "nnUNetTrainerMultiSegMamba"]
@@ -154,4 +155,5 @@ def test_24_and_40_gb_plans_train_within_their_budget(trainer_name, memcheck_rec
             product *= edge
         return product
 
-    assert voxels_times_batch(records[40]) > voxels_times_batch(records[24]), records
+    if len(records) > 1:
+        assert voxels_times_batch(records[max(records)]) > voxels_times_batch(records[min(records)]), records
