@@ -4,9 +4,9 @@ The estimate has three parts (bytes):
 
 * **state**: parameters (fp32), their gradients (fp32), SGD momentum (fp32, nnU-Net's optimizer) and the
   fp16 copies of the weights autocast caches during the forward: ``14 * n_parameters``.
-* **activations**: what autograd keeps for the backward. Counted on the CPU with
-  ``torch.autograd.graph.saved_tensors_hooks`` during an fp32 forward of the network built for two small
-  probe patches with the plan's topology (same stages, strides, kernels, features), batch 1, then fitted as
+* **activations**: what autograd keeps for the backward. Counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` during an fp32 forward (on the meta device: no memory, no
+  arithmetic, the CPU's counts) of the network built for two small probe patches with the plan's topology (same stages, strides, kernels, features), batch 1, then fitted as
   ``intercept + per_voxel * voxels`` (every saved tensor is a feature map, or a scan state, whose size is
   linear in the voxels of the patch) and multiplied by the batch. The network outputs (kept for the loss)
   are counted too.
@@ -48,8 +48,6 @@ CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 #: before the 24 / 40 GB runs left that plan 0.03 GiB below its cap.
 PLANNING_MARGIN = 0.15
 
-#: Families whose default factor is still the fp32-mixer one (one point under the bf16 policy so far).
-FP32_MIXER_ONLY = ("Vivim (ST-Mamba v3)",)
 #: Families whose networks need the in-plane axes of a patch divisible by more than the plan's strides, so that the
 #: probe can build them: Vivim's MiT-B3 patch embeddings divide H and W by their strides' product (32; the check in
 #: network_architectures/vivim.py).
@@ -67,13 +65,13 @@ FP32_MIXER_FACTORS: Dict[str, float] = {
 #: H200 (mamba_ssm backend, 2026-12-02): ``benchmarks/calibrate_memory.py`` steps at three patch sizes of two
 #: topologies, and for the families ``nnunetv2_mamba plan`` serves the real ``nnUNetv2_train`` steps of the 24 / 40
 #: GB plans (tests/nnunetv2_mamba/planning/test_plan_gpu.py); BENCHMARKS.md, "Memory estimate", lists every point.
-#: The ``FP32_MIXER_ONLY`` families keep their fp32-mixer factor, which over-estimates them under the bf16 policy;
-#: MultiSegMamba's mixers follow fp16 autocast, so the bf16 policy does not change its (one-point) factor.
+#: Every family has 6-10 points (three patches of each topology; L-/G-VMamba and PlainConvUNet no nnU-Net runs).
+#: Refit of 2026-12-02 (fourth session): VivimV3 (six points; its fp32-mixer factor over-estimated them by 30 %) and
+#: MultiSegMamba (eight points; its mixers follow fp16 autocast, so the bf16 policy does not apply to it).
 CALIBRATION_FACTORS: Dict[str, float] = {
     "PlainConvUNet": 0.5931, "U-Mamba-Enc": 0.5393, "U-Mamba-Bot": 0.5546, "LoG-VMamba": 0.6270,
-    "L-VMamba": 0.6027, "G-VMamba": 0.6013, "SegMamba": 0.5732, "BiSegMamba": 0.5388, "SegMambaSkip": 0.5396,
-    "Vivim": 0.7032,
-    **{family: FP32_MIXER_FACTORS[family] for family in FP32_MIXER_ONLY + ("MultiSegMamba",)},
+    "L-VMamba": 0.6027, "G-VMamba": 0.6013, "SegMamba": 0.5734, "BiSegMamba": 0.5388, "SegMambaSkip": 0.5396,
+    "Vivim": 0.7027, "Vivim (ST-Mamba v3)": 0.7658, "MultiSegMamba": 0.4864,
 }
 #: Families whose factor is borrowed, and from which measured family.
 BORROWED_FACTORS: Dict[str, str] = {"L-VMamba": "LoG-VMamba", "G-VMamba": "LoG-VMamba"}
