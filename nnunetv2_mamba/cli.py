@@ -97,14 +97,21 @@ def _check_devices_and_backends(report: Report) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     probe_u = torch.zeros(1, 1, 1, device=device)
     probe_a = torch.zeros(1, 16, device=device)
+    source = f" (forced by ${BACKEND_ENV_VAR}={forced})" if forced else ""
+    chosen_names = []
     try:
-        chosen = select_backend(probe_u, probe_a)
-        source = f" (forced by ${BACKEND_ENV_VAR}={forced})" if forced else ""
-        report.ok(f"chosen for fp32 tensors on {device}: {chosen.name}{source}")
+        chosen_names.append(select_backend(probe_u, probe_a).name)
+        report.ok(f"chosen for fp32 tensors on {device}: {chosen_names[-1]}{source}")
     except BackendError as error:
         report.problem(str(error), f"unset {BACKEND_ENV_VAR} or install the requested backend")
-    if device == "cuda" and select_backend(probe_u, probe_a).name == "torch" and not forced:
-        report.note("only the pure-PyTorch scan is usable on this GPU: install mamba-ssm for full speed")
+    try:  # the SegMamba family scans with d_state 128, beyond the triton kernels' limit: say what it gets
+        chosen_names.append(select_backend(probe_u, torch.zeros(1, 128, device=device)).name)
+        report.ok(f"chosen for d_state 128 (the SegMamba family) on {device}: {chosen_names[-1]}{source}")
+    except BackendError as error:
+        report.note(f"the SegMamba family (d_state 128) cannot run here: {error}")
+    if device == "cuda" and not forced and "torch" in chosen_names:
+        report.note("only the pure-PyTorch scan is usable on this GPU for some networks (see the lines above): "
+                    "install mamba-ssm for full speed")
     _check_mixer_precision(report, device)
 
 
