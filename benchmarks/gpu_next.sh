@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
-#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|tests|networks
+#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|finish|finish24|last|tests|networks
 # first:    (a) layer timings on an idle GPU: the triton layer with torch's conv, with the Triton conv
 #           ($NNUNETV2_MAMBA_TRITON_CONV), the fused Function, mamba_ssm; bf16 and fp32; the per-kernel profile of
 #           both triton layers and mamba_ssm's; (b) then, concurrently (no timings): the GPU tests of the scan
@@ -8,7 +8,10 @@
 #           of issue 15's 288^3 dataset in .gpu_work/ (kept for the next call while the machine stays warm).
 # plans:    issue 15's 24 / 40 GB plans training under set_per_process_memory_fraction, runs sharing the GPU by budget
 #           ($PLAN_SELECTION narrows the trainers; the dataset is re-made when .gpu_work/ is gone).
-# calibrate: the memory calibration points still missing (BiSegMamba anisotropic, MultiSegMamba).
+# calibrate: the memory calibration points still missing (BiSegMamba anisotropic, MultiSegMamba; all measured by
+#           2026-12-02's fourth session, see BENCHMARKS.md).
+# finish / finish24: what the fourth session ran: MultiSegMamba's 24 / 40 GB plans (finish24: the 24 GB one alone),
+#           the layer timings, GPU tests and the last calibration points beside them.
 # tests:    every GPU test that is not e2e.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
