@@ -16,7 +16,7 @@
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|last|tests|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|tests|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -35,6 +35,10 @@ cal() {  # deadline (seconds since the script started), log, topology, calibrate
   [ $((deadline - SECONDS)) -gt 20 ] || return 0
   timeout $((deadline - SECONDS)) python3 benchmarks/calibrate_memory.py --topology "$topology" --steps 2 --warmup 1 \
     "$@" >> "$out/$log" 2>&1
+}
+plan_report() {  # last lines to show of the plan test's log; each step's log tail goes to plan_steps.log
+  [ -d "$plan_root/logs" ] && tail -n 4 "$plan_root"/logs/* > "$out/plan_steps.log" 2>&1
+  grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n "$1"
 }
 calibrate_missing() {  # deadline: the calibration points still missing after 2026-12-02 (BENCHMARKS.md), two streams
   local end="$1"
@@ -72,7 +76,7 @@ case "$what" in
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=128 nnUNet_n_proc_DA=4 \
       timeout 560 python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" ${PLAN_SELECTION:+-k "$PLAN_SELECTION"} \
       > "$out/plan_gpu.log" 2>&1
-    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 40 ;;
+    plan_report 40 ;;
   calibrate)
     calibrate_missing ${CAL_DEADLINE:-540}; grep -h "estimate" "$out"/cal_*.log ;;
   finish)  # MultiSegMamba's two plans alone on the CPUs (dataset first); meanwhile the GPU tests of the scan backends
@@ -89,9 +93,8 @@ case "$what" in
        > "$out/gpu_tests.log" 2>&1
      OMP_NUM_THREADS=4 cal 530 cal_multi_iso.log isotropic --networks MultiSegMamba --patches 64 96) &
     wait
-    tail -n 4 "$plan_root"/logs/* > "$out/plan_steps.log" 2>&1
     grep "2x2097152x32" "$out/layers.log"; tail -n 3 "$out/gpu_tests.log"; grep -h "estimate" "$out"/cal_*.log
-    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 10 ;;
+    plan_report 10 ;;
   finish24)  # MultiSegMamba's 24 GB plan alone (its planner was killed beside the 40 GB run in `finish`), and its
     # anisotropic calibration at 32x256x256 on the GPU meanwhile
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_PLAN_BUDGETS=24 nnUNet_n_proc_DA=4 \
@@ -100,15 +103,14 @@ case "$what" in
     (timeout 60 python3 benchmarks/profile_layer.py --dtype bf16 --backends triton mamba_ssm > "$out/profiles.log" 2>&1
      OMP_NUM_THREADS=4 cal 400 cal_multi.log anisotropic --networks MultiSegMamba --patch-sizes 32x256x256) &
     wait
-    tail -n 4 "$plan_root"/logs/* > "$out/plan_steps.log" 2>&1; grep -h "estimate" "$out"/cal_*.log
-    grep "ms in all" "$out/profiles.log"
-    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 10 ;;
+    grep -h "estimate" "$out"/cal_*.log; grep "ms in all" "$out/profiles.log"
+    plan_report 10 ;;
   last)  # MultiSegMamba's two plans (dataset made first) while the missing calibration runs
     NNUNETV2_MAMBA_TEST_PLAN_GPU_ROOT="$plan_root" NNUNETV2_MAMBA_TEST_CONCURRENT_GB=64 nnUNet_n_proc_DA=4 \
       timeout $((${CAL_DEADLINE:-430} + 60)) python3 -m pytest "$plan_test" -q -rs -s -m "gpu and e2e" -k MultiSegMamba \
       > "$out/plan_gpu.log" 2>&1 &
     calibrate_missing ${CAL_DEADLINE:-430}; wait
-    grep -h "finished\|GB: patch\|passed\|failed\|Error" "$out/plan_gpu.log" | cut -c1-400 | tail -n 10
+    plan_report 10
     grep -h "estimate\|Error" "$out"/cal_*.log | cut -c1-200 ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1

@@ -9,12 +9,11 @@ CUDA even where the automatic check says no).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
 import torch
-
-from nnunetv2_mamba.ssm.backends.base import autocast_disabled
 
 MIXER_DTYPE_ENV_VAR = "NNUNETV2_MAMBA_MIXER_DTYPE"
 MIXER_DTYPE_CHOICES = ("auto", "fp32", "bf16")
@@ -27,6 +26,14 @@ def requested_mixer_dtype() -> str:
         raise ValueError(f"${MIXER_DTYPE_ENV_VAR}={choice!r} is not a mixer precision; use one of "
                          f"{', '.join(MIXER_DTYPE_CHOICES)} (or unset it for 'auto').")
     return choice
+
+
+def autocast_disabled(device_type: str):
+    """Return a context with autocast off on ``device_type``; a no-op on the meta device (no autocast there),
+    where the memory planner runs the networks to count their saved tensors (planning/memory.py)."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def mixer_dtype(device_type: str, autocast_enabled: bool) -> torch.dtype:

@@ -6,7 +6,8 @@ The estimate has three parts (bytes):
   fp16 copies of the weights autocast caches during the forward: ``14 * n_parameters``.
 * **activations**: what autograd keeps for the backward. Counted with
   ``torch.autograd.graph.saved_tensors_hooks`` during an fp32 forward (on the meta device: no memory, no
-  arithmetic, the CPU's counts) of the network built for two small probe patches with the plan's topology (same stages, strides, kernels, features), batch 1, then fitted as
+  arithmetic, the CPU's counts) of the network built for two small probe patches with the plan's topology
+  (same stages, strides, kernels, features), batch 1, then fitted as
   ``intercept + per_voxel * voxels`` (every saved tensor is a feature map, or a scan state, whose size is
   linear in the voxels of the patch) and multiplied by the batch. The network outputs (kept for the loss)
   are counted too.

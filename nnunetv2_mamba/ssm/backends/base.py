@@ -1,18 +1,9 @@
 """The interface every selective-scan backend implements."""
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
-
-
-def autocast_disabled(device_type: str):
-    """Return a context with autocast off on ``device_type``; a no-op on the meta device (no autocast there),
-    where the memory planner runs the networks to count their saved tensors (planning/memory.py)."""
-    if device_type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class ScanBackend:

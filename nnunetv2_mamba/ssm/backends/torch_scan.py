@@ -28,8 +28,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from nnunetv2_mamba.ssm.backends.base import autocast_disabled
-
 # Elements of one (B, chunk, D, N) working tensor. About 8 such tensors live at once in the backward pass.
 # On the CPU the chunk is sized so that the forward's two working tensors (decay, states) stay in the last-level
 # cache: measured on 2 cores (32 MiB L3), a U-Mamba-Enc stage-0 scan forward ran fastest at 2**21 elements (8 MiB per
@@ -178,7 +176,7 @@ class _SelectiveScan(torch.autograd.Function):
             ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
             y = u.new_empty(batch, length, channels, dtype=dtype)
             return y.transpose(1, 2).to(out_dtype), u.new_empty(batch, channels, A.shape[1], dtype=dtype)
-        with autocast_disabled(u.device.type):
+        with torch.autocast(device_type=u.device.type, enabled=False):
             uf, Af, Bf, Cf = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
             _, dt = _delta(delta, delta_bias, delta_softplus, dtype)
             u_t, dt_t = _tokens(uf), _tokens(dt)
@@ -215,7 +213,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, chunk_starts = ctx.saved_tensors
         dtype = chunk_starts.dtype
         chunk = ctx.chunk
-        with autocast_disabled(u.device.type):
+        with torch.autocast(device_type=u.device.type, enabled=False):
             uf, Af, Bf, Cf = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
             raw_dt, dt = _delta(delta, delta_bias, ctx.delta_softplus, dtype)
             u_t, dt_t = _tokens(uf), _tokens(dt)

@@ -119,10 +119,10 @@ def _causal_conv_backward_kernel(x_ptr, weight_ptr, bias_ptr, grad_ptr, dx_ptr, 
         tl.store(dbias_part_ptr + part, dbias, mask=d_mask)
 
 
-def _token_major_like(x: torch.Tensor) -> torch.Tensor:
-    """Return an empty (B, D, L) tensor of x's dtype stored token-major ((B, L, D) contiguous)."""
+def empty_token_major(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Return an empty (B, D, L) tensor of x's dtype (or ``dtype``) stored token-major ((B, L, D) contiguous)."""
     batch, channels, length = x.shape
-    return torch.empty(batch, length, channels, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(batch, length, channels, device=x.device, dtype=dtype or x.dtype).transpose(1, 2)
 
 
 def _grid(x: torch.Tensor, tokens_per_program: int):
@@ -136,7 +136,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         weight = weight.contiguous()
-        out = _token_major_like(x)
+        out = empty_token_major(x)
         bias_arg = weight if bias is None else bias.contiguous()  # any pointer: HAS_BIAS=False never reads it
         _causal_conv_forward_kernel[_grid(x, BLOCK_L)](
             x, weight, bias_arg, out, x.shape[2], x.shape[1], *x.stride(), *out.stride(),
@@ -150,7 +150,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
         grid = _grid(x, BACKWARD_BLOCK_L * BACKWARD_TILES)
         batch_programs = grid[0] * grid[2]
         channels, width = weight.shape
-        dx = _token_major_like(x)
+        dx = empty_token_major(x)
         dweight_part = torch.empty(batch_programs, channels, width, device=x.device, dtype=torch.float32)
         dbias_part = (torch.empty(batch_programs, channels, device=x.device, dtype=torch.float32)
                       if bias is not None else dweight_part)

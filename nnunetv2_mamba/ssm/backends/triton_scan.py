@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nnunetv2_mamba.ssm.backends.triton_conv import empty_token_major
+
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 
@@ -507,10 +509,9 @@ def _empty_in_layout_of(x: torch.Tensor, dtype: Optional[torch.dtype] = None) ->
     then feeds out_proj's GEMM as it is, and du / ddelta / dz reach the GEMMs' backward and the conv's without a
     transposing copy or a mixed-layout add.
     """
-    batch, channels, length = x.shape
-    if x.stride(1) == 1 and channels > 1:
-        return torch.empty(batch, length, channels, device=x.device, dtype=dtype or x.dtype).transpose(1, 2)
-    return torch.empty(batch, channels, length, device=x.device, dtype=dtype or x.dtype)
+    if x.stride(1) == 1 and x.shape[1] > 1:
+        return empty_token_major(x, dtype)
+    return torch.empty(x.shape, device=x.device, dtype=dtype or x.dtype)
 
 
 def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> torch.Tensor:
