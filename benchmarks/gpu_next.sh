@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
-#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|finish|finish24|last|tests|networks
+#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|finish|finish24|last|kernels|tests|networks
 # first:    (a) layer timings on an idle GPU: the triton layer with torch's conv, with the Triton conv
 #           ($NNUNETV2_MAMBA_TRITON_CONV), the fused Function, mamba_ssm; bf16 and fp32; the per-kernel profile of
 #           both triton layers and mamba_ssm's; (b) then, concurrently (no timings): the GPU tests of the scan
@@ -12,11 +12,12 @@
 #           2026-12-02's fourth session, see BENCHMARKS.md).
 # finish / finish24: what the fourth session ran: MultiSegMamba's 24 / 40 GB plans (finish24: the 24 GB one alone),
 #           the layer timings, GPU tests and the last calibration points beside them.
+# kernels:  the Triton scan's kernels per tiling, layout and dtype; the layer per light-kernel tiling.
 # tests:    every GPU test that is not e2e.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|tests|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|tests|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -112,6 +113,28 @@ case "$what" in
     calibrate_missing ${CAL_DEADLINE:-430}; wait
     plan_report 10
     grep -h "estimate\|Error" "$out"/cal_*.log | cut -c1-200 ;;
+  kernels)  # GPU tests of the Triton scan; its kernels per tiling / layout / dtype (benchmarks/triton_kernels.py;
+    # $KERNEL_CASES replaces the default cases); the same for the code in .gpu/baseline (an older nnunetv2_mamba, e.g.
+    # `git archive COMMIT nnunetv2_mamba | tar -x -C .gpu/baseline`) when it is there; then the layer, both codes
+    timeout 200 python3 -m pytest tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py -q -rs -x > "$out/gpu_tests.log" 2>&1
+    tail -n 3 "$out/gpu_tests.log"
+    timeout 240 python3 benchmarks/triton_kernels.py --cases ${KERNEL_CASES:-bf16:bld:4:1:- bf16:bld:4:1:16:4 \
+      bf16:bld:4:1:8:2 bf16:bdl:4:1:- fp32:bld:4:1:- fp32:bld:4:1:16:4} > "$out/kernels.log" 2>&1
+    grep "FAIL\|^|" "$out/kernels.log"
+    baseline=$PWD/.gpu/baseline; [ -d "$baseline/nnunetv2_mamba" ] || baseline=
+    if [ -n "$baseline" ]; then
+      PYTHONPATH=$baseline:${PYTHONPATH:-} timeout 60 python3 benchmarks/triton_kernels.py --cases bf16:bld:4:1:- fp32:bld:4:1:- \
+        > "$out/kernels_baseline.log" 2>&1
+      grep "FAIL\|^| [bf]" "$out/kernels_baseline.log" | sed 's/^/baseline /'
+    fi
+    for code in $baseline "$PWD"; do
+      for dtype in bf16 fp32; do
+        echo "== $code $dtype" >> "$out/layers.log"
+        PYTHONPATH=$code:${PYTHONPATH:-} timeout 60 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32 --dtype $dtype --steps 5 \
+          --warmup 2 --backends triton mamba_ssm >> "$out/layers.log" 2>&1
+      done
+    done
+    grep "^==\|2x2097152x32" "$out/layers.log" ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

@@ -1,9 +1,14 @@
-"""Compile the Triton scan and causal-conv kernels for sm_90 without a GPU and report registers and spills (ptxas -v).
+"""Compile the Triton scan and causal-conv kernels for sm_90 without a GPU and report registers, spills and, with
+``--sass``, the instruction mix of the machine code (cuobjdump -sass).
 
-    python benchmarks/triton_registers.py
+    python benchmarks/triton_registers.py [--light 16:4] [--sass]
 
-Triton compiles for a GPU target it is given (no device needed); ptxas ships with Triton. Used to check that a
-refactor of the kernels leaves their register use unchanged before spending device time (TRITON_NOTES.md)."""
+Triton compiles for a GPU target it is given (no device needed); ptxas and cuobjdump ship with Triton. Used to
+check a rewrite of the kernels before spending device time (TRITON_NOTES.md): the scan kernels are bound by the
+instructions they issue, and warp shuffles (SHFL, a quarter of the FMA rate) and MUFU (exp2, an eighth) cost most.
+``--light channels:warps`` compiles the end-state, output and adjoint kernels with that tiling
+($NNUNETV2_MAMBA_TRITON_LIGHT)."""
+import collections
 import os
 import re
 import subprocess
@@ -18,6 +23,11 @@ from nnunetv2_mamba.ssm.backends import triton_conv as tc
 from nnunetv2_mamba.ssm.backends import triton_scan as ts
 
 common = dict(N=16, N_PAD=16, T=16, BLOCK_D=4)
+light_block, light_warps = 4, 1
+if "--light" in sys.argv:
+    light_block, light_warps = (int(v) for v in sys.argv[sys.argv.index("--light") + 1].split(":"))
+light = dict(common, BLOCK_D=light_block)
+SASS_CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "LDG", "STG", "LDS", "STS", "BAR")
 
 
 def signature(fn, consts):
@@ -26,24 +36,42 @@ def signature(fn, consts):
             for name in fn.arg_names}
 
 
+def instruction_mix(cubin: bytes, tools: str) -> collections.Counter:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    mix = collections.Counter()
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if match:
+            mix[match.group(2)] += 1
+    return mix
+
+
 kernels = {
- "end_state": (ts._chunk_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, **common)),
- "output": (ts._chunk_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **common)),
- "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
+ "end_state": (ts._chunk_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, **light)),
+ "output": (ts._chunk_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **light)),
+ "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **light)),
  "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, BC_ATOMIC=False, **common)),
 }
 kernels["conv_fwd"] = (tc._causal_conv_forward_kernel, dict(WIDTH=4, HAS_BIAS=True, BLOCK_L=tc.BLOCK_L,
                                                             BLOCK_D=tc.BLOCK_D))
 kernels["conv_bwd"] = (tc._causal_conv_backward_kernel, dict(WIDTH=4, WIDTH_PAD=4, HAS_BIAS=True, BLOCK_D=tc.BLOCK_D,
                                                              BLOCK_L=tc.BACKWARD_BLOCK_L, TILES=tc.BACKWARD_TILES))
-warps = {"conv_fwd": 4, "conv_bwd": 4}  # triton_conv launches with Triton's default; the scan kernels with 1
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+warps = {"conv_fwd": 4, "conv_bwd": 4, "end_state": light_warps, "output": light_warps, "adjoint": light_warps}
+tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+print(f"triton {triton.__version__}, sm_90")
 for name, (fn, consts) in kernels.items():
     src = ASTSource(fn=fn, signature=signature(fn, consts), constexprs=dict(consts))
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps.get(name, 1)})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
-    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True)
+    out = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
+                         capture_output=True, text=True)
     regs = re.search(r"Used (\d+) registers", out.stderr); spill = re.search(r"(\d+) bytes spill stores", out.stderr)
-    print(f"{name:<10} registers {regs.group(1) if regs else '?':>4}  spill stores {spill.group(1) if spill else '?':>4} B  "
-          f"ptx lines {compiled.asm['ptx'].count(chr(10))}")
+    line = (f"{name:<10} registers {regs.group(1) if regs else '?':>4}  spill stores {spill.group(1) if spill else '?':>4} B  "
+            f"ptx lines {compiled.asm['ptx'].count(chr(10))}")
+    if "--sass" in sys.argv:
+        mix = instruction_mix(compiled.asm["cubin"], tools)
+        line += f"  sass {sum(mix.values())}: " + " ".join(f"{op} {mix[op]}" for op in SASS_CLASSES)
+    print(line, flush=True)

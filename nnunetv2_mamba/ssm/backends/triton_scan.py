@@ -18,7 +18,7 @@ walks the sequence would fill only batch x channels multiprocessors). Forward, t
    with ``tl.associative_scan`` over blocks of chunks and a carry between blocks (one short loop of
    K / CHUNK_BLOCK steps per (batch, state lane) instead of K serial steps).
 3. ``_chunk_output_kernel``: each chunk rescanned from its entering state (associative scan over the tokens of
-   a (channels, d_state, T) tile), y with the D skip and the z gate fused, written in u's dtype.
+   a (T, d_state, channels) tile), y with the D skip and the z gate fused, written in u's dtype.
 
 The backward keeps nothing but the inputs (mamba_ssm keeps its output too): the chunk-entering states
 (B, K + 1, D, N) fp32 are as large as an fp32 copy of u at T = 16 and N = 16, so the backward recomputes them with
@@ -56,6 +56,7 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 4
 DEFAULT_WARPS = 1
+DEFAULT_LIGHT = None  # the light kernels' (channels per tile, warps); None: the gradient kernel's
 CHUNK_BLOCK = 256  # chunks per associative scan in _chunk_carry_kernel
 CARRY_LANES = 16  # state lanes (d, n) per program in _chunk_carry_kernel
 # Chunks per superblock of the two-level carry: superblocks are scanned in parallel from zero, then their
@@ -73,6 +74,17 @@ MIN_PROGRAMS = 1024
 def _first_order_combine(a_left, b_left, a_right, b_right):
     # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
     return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _reverse_scan(decay, drive):
+    """``tl.associative_scan(..., reverse=True)`` over the tokens (axis 0) as flip, forward scan, flip.
+
+    Same result; with the tokens inside each thread the flips are register renames, while Triton lowers the
+    reverse scan with five levels of warp shuffles per value (640 shuffles per (16, 16, 4) tile on sm_90, 60 % of
+    the gradient kernel's; benchmarks/triton_registers.py --sass)."""
+    decay_run, state = tl.associative_scan((tl.flip(decay, 0), tl.flip(drive, 0)), 0, _first_order_combine)
+    return tl.flip(decay_run, 0), tl.flip(state, 0)
 
 
 @triton.jit
@@ -102,17 +114,17 @@ def _load_delta(dt_ptr, s_b, s_d, s_l, bias_ptr, b, d, t, d_mask, mask,
 
 @triton.jit
 def _load_bc(ptr, s0, s1, s2, s3, b, group, d, n, t, d_mask, n_mask, t_mask, VARIABLE: tl.constexpr):
-    """Return B or C as a tile broadcastable to (T, BLOCK_D, N): (T, 1, N) if variable, else (1, BLOCK_D, N).
+    """Return B or C as a tile broadcastable to (T, N, BLOCK_D): (T, N, 1) if variable, else (1, N, BLOCK_D).
 
     Variable: element (b, group, n, t) at b*s0 + group*s1 + n*s2 + t*s3. Time-invariant: (d, n) at d*s0 + n*s1.
     """
     if VARIABLE:
         offs = b * s0 + group.to(tl.int64) * s1 + t[:, None] * s3 + n[None, :] * s2
         tile = tl.load(ptr + offs, mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        return tile[:, None, :]
+        return tile[:, :, None]
     else:
-        offs = d[:, None] * s0 + n[None, :] * s1
-        tile = tl.load(ptr + offs, mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        offs = d[None, :] * s0 + n[:, None] * s1
+        tile = tl.load(ptr + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         return tile[None, :, :]
 
 
@@ -127,22 +139,26 @@ def _chunk_program(L, N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr):
 
 @triton.jit
 def _channel_block(split, block, blocks_per_program, D, t_mask, n_mask, BLOCK_D: tl.constexpr):
-    """Return (d_start, channels d, d_mask, (T, BLOCK_D) token mask, (BLOCK_D, N) state mask) of a channel block."""
+    """Return (d_start, channels d, d_mask, (T, BLOCK_D) token mask, (N, BLOCK_D) state mask) of a channel block."""
     d_start = (split * blocks_per_program + block) * BLOCK_D
     d = d_start + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    return d_start, d, d_mask, t_mask[:, None] & d_mask[None, :], d_mask[:, None] & n_mask[None, :]
+    return d_start, d, d_mask, t_mask[:, None] & d_mask[None, :], n_mask[:, None] & d_mask[None, :]
 
 
 @triton.jit
-def _load_state_matrix(A2_ptr, d, n, dn_mask, N: tl.constexpr):
-    """Load the (BLOCK_D, N) tile of A * log2(e)."""
-    return tl.load(A2_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0)
+def _state_offsets(row_start, d, n, N: tl.constexpr):
+    """Offsets of the (N, BLOCK_D) tile of channels d in a (rows, D, N)-contiguous state buffer whose row starts at
+    element ``row_start`` * N (row_start = row * D); 0 for A * log2(e), a (D, N) matrix."""
+    return (row_start + d[None, :]) * N + n[:, None]
 
 
-# Tiles are (T, BLOCK_D, N) with the tokens first: with BLOCK_D * N threads, Triton's default layout gives each
-# thread one (channel, state) lane and all T tokens of it, so the scans along the tokens run inside a thread
-# (no shuffles); only the sums over the states cross lanes.
+# Tiles are (T, N, BLOCK_D): tokens first, channels last. Triton's default layout spreads the last axis over the
+# threads first, then the states, and repeats the rest inside each thread, so a thread holds all T tokens of its
+# lanes (the scans along the tokens run inside it, no shuffles) and, at BLOCK_D = 4 and N = 16 on one warp, two
+# states of one channel: a sum over the states is one add in the thread and three shuffle levels instead of four
+# (channels-before-states put 16 threads on the states). Compiled for sm_90 (benchmarks/triton_registers.py
+# --sass): the output kernel's shuffles 144 -> 52 per channel block, its instructions 1200 -> 1016.
 
 
 @triton.jit
@@ -155,18 +171,18 @@ def _chunk_end_state_kernel(
         B_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
                                                            BLOCK_D)
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
                       t_mask, B_VARIABLE)
-        decay, state = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), (dt * u)[:, :, None] * Bt),
+        decay, state = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), (dt * u)[:, None, :] * Bt),
                                            0, _first_order_combine)
-        end = tl.sum(tl.where((tl.arange(0, T) == T - 1)[:, None, None], state, 0.0), axis=0)  # (BLOCK_D, N_PAD)
+        end = tl.sum(tl.where((tl.arange(0, T) == T - 1)[:, None, None], state, 0.0), axis=0)  # (N_PAD, BLOCK_D)
         row = (b * K + k) * D
-        tl.store(end_ptr + (row + d[:, None]) * N + n[None, :], end, mask=dn_mask)
+        tl.store(end_ptr + _state_offsets(row, d, n, N), end, mask=nd_mask)
         tl.store(dtsum_ptr + row + d, tl.sum(dt, axis=0), mask=d_mask)
 
 
@@ -282,21 +298,21 @@ def _chunk_output_kernel(
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr):
     k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
                                                            BLOCK_D)
         group = d_start // channels_per_group
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
-        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), (dt * u)[:, :, None] * Bt),
+        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), (dt * u)[:, None, :] * Bt),
                                            0, _first_order_combine)
         if HAS_START:
-            h0 = tl.load(start_ptr + ((b * (K + 1) + k) * D + d[:, None]) * N + n[None, :], mask=dn_mask,
+            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, N), mask=nd_mask,
                          other=0.0)
             h += decay_run * h0[None, :, :]
-        y = tl.sum(h * Ct, axis=2)  # (T, BLOCK_D)
+        y = tl.sum(h * Ct, axis=1)  # (T, BLOCK_D)
         if HAS_D:
             y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] * u
         if HAS_Z:
@@ -316,21 +332,21 @@ def _chunk_adjoint_kernel(
         C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
     k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
                                                            BLOCK_D)
         dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
         if HAS_Z:
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             dy *= zv / (1.0 + tl.exp(-zv))
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
                       t_mask, C_VARIABLE)
         # Q = sum_t (a_{s_k} ... a_t) C_t dy_t: a forward scan whose running decay is that product.
-        decay = tl.exp2(A2[None, :, :] * dt[:, :, None])
+        decay = tl.exp2(A2[None, :, :] * dt[:, None, :])
         decay_run, _ = tl.associative_scan((decay, tl.zeros_like(decay)), 0, _first_order_combine)
-        adj = tl.sum(decay_run * Ct * dy[:, :, None], axis=0)
-        tl.store(adj_ptr + ((b * K + k) * D + d[:, None]) * N + n[None, :], adj, mask=dn_mask)
+        adj = tl.sum(decay_run * Ct * dy[:, None, :], axis=0)
+        tl.store(adj_ptr + _state_offsets((b * K + k) * D, d, n, N), adj, mask=nd_mask)
         tl.store(dtsum_ptr + (b * K + k) * D + d, tl.sum(dt, axis=0), mask=d_mask)
 
 
@@ -355,27 +371,27 @@ def _chunk_grad_kernel(
     dC_acc = tl.zeros([T, N_PAD], dtype=tl.float32)
     group = (split * blocks_per_program * BLOCK_D) // channels_per_group
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, dn_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
+        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
                                                            BLOCK_D)
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, raw = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = _load_state_matrix(A2_ptr, d, n, dn_mask, N)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
         dout = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
 
         # States, recomputed from the chunk's entering state.
         dtu = dt * u
-        drive = dtu[:, :, None] * Bt
-        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, :, None]), drive), 0,
+        drive = dtu[:, None, :] * Bt
+        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), drive), 0,
                                            _first_order_combine)
         if HAS_START:
-            h0 = tl.load(start_ptr + ((b * (K + 1) + k) * D + d[:, None]) * N + n[None, :], mask=dn_mask,
+            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, N), mask=nd_mask,
                          other=0.0)
             h += decay_run * h0[None, :, :]
         decayed_prev = h - drive  # a_t * h_{t-1}
 
-        y = tl.sum(h * Ct, axis=2)
+        y = tl.sum(h * Ct, axis=1)
         if HAS_D:
             D_val = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
             y += D_val[None, :] * u
@@ -393,19 +409,18 @@ def _chunk_grad_kernel(
         next_mask = next_mask_t[:, None] & d_mask[None, :]
         dt_next, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t_next, d_mask, next_mask,
                                  HAS_BIAS, SOFTPLUS)
-        decay_after, g = tl.associative_scan((tl.exp2(A2[None, :, :] * dt_next[:, :, None]), Ct * dy[:, :, None]),
-                                             0, _first_order_combine, reverse=True)
-        carry = tl.load(carry_ptr + ((b * (K + 1) + k + 1) * D + d[:, None]) * N + n[None, :], mask=dn_mask,
+        decay_after, g = _reverse_scan(tl.exp2(A2[None, :, :] * dt_next[:, None, :]), Ct * dy[:, None, :])
+        carry = tl.load(carry_ptr + _state_offsets((b * (K + 1) + k + 1) * D, d, n, N), mask=nd_mask,
                         other=0.0)
         g += decay_after * carry[None, :, :]
 
         A_nat = A2 * LN2
-        gB = tl.sum(g * Bt, axis=2)  # (T, BLOCK_D)
+        gB = tl.sum(g * Bt, axis=1)  # (T, BLOCK_D)
         g_prev = g * decayed_prev
         du = dt * gB
         if HAS_D:
             du += D_val[None, :] * dy
-        ddt = tl.sum(g_prev * A_nat[None, :, :], axis=2) + u * gB
+        ddt = tl.sum(g_prev * A_nat[None, :, :], axis=1) + u * gB
         if SOFTPLUS:
             ddt = ddt / (1.0 + tl.exp(-raw))
         ddt = tl.where(mask, ddt, 0.0)
@@ -413,21 +428,21 @@ def _chunk_grad_kernel(
         tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddt_ptr + grad_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
-        part_dn = ((b * K + k) * D + d[:, None]) * N + n[None, :]
-        tl.store(dA_ptr + part_dn, tl.sum(g_prev * dt[:, :, None], axis=0), mask=dn_mask)
+        part_dn = _state_offsets((b * K + k) * D, d, n, N)
+        tl.store(dA_ptr + part_dn, tl.sum(g_prev * dt[:, None, :], axis=0), mask=nd_mask)
         part_d = (b * K + k) * D + d
         if HAS_D:
             tl.store(dD_ptr + part_d, tl.sum(dy * u, axis=0), mask=d_mask)
         if HAS_BIAS:
             tl.store(dbias_ptr + part_d, tl.sum(ddt, axis=0), mask=d_mask)
         if B_VARIABLE:
-            dB_acc += tl.sum(g * dtu[:, :, None], axis=1)
+            dB_acc += tl.sum(g * dtu[:, None, :], axis=2)
         else:
-            tl.store(dB_ptr + part_dn, tl.sum(g * dtu[:, :, None], axis=0), mask=dn_mask)
+            tl.store(dB_ptr + part_dn, tl.sum(g * dtu[:, None, :], axis=0), mask=nd_mask)
         if C_VARIABLE:
-            dC_acc += tl.sum(h * dy[:, :, None], axis=1)
+            dC_acc += tl.sum(h * dy[:, None, :], axis=2)
         else:
-            tl.store(dC_ptr + part_dn, tl.sum(h * dy[:, :, None], axis=0), mask=dn_mask)
+            tl.store(dC_ptr + part_dn, tl.sum(h * dy[:, None, :], axis=0), mask=nd_mask)
 
     bc_offs = ((b * groups + group) * N + n[None, :]) * L + t[:, None]
     if B_VARIABLE:
@@ -458,13 +473,10 @@ def _largest_power_of_two_dividing(value: int, cap: int) -> int:
     return block
 
 
-class _Plan:
-    """Launch geometry shared by the forward and backward passes of one call."""
+class _Tiles:
+    """Channel tiling of one kernel launch: channels per tile, tiles per program, grid, warps."""
 
-    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps):
-        self.chunk = chunk
-        self.n_chunks = triton.cdiv(length, chunk)
-        self.d_state_padded = triton.next_power_of_2(d_state)
+    def __init__(self, batch, channels, n_chunks, groups, block_d, warps):
         # Channel blocks must not straddle a B/C group (one B/C tile per block).
         per_group = channels // groups
         self.block_d = block_d if groups == 1 else _largest_power_of_two_dividing(per_group, block_d)
@@ -474,14 +486,34 @@ class _Plan:
         # One program per (chunk, batch, group) shares a B/C tile over all the group's channels and writes
         # dB/dC once; short sequences split the group over several programs to keep the GPU busy.
         splits = 1
-        while (batch * self.n_chunks * groups * splits < MIN_PROGRAMS and splits < blocks_per_group
+        while (batch * n_chunks * groups * splits < MIN_PROGRAMS and splits < blocks_per_group
                and blocks_per_group % (splits * 2) == 0):
             splits *= 2
         self.blocks_per_program = triton.cdiv(blocks_per_group, splits)
-        self.splits_per_group = splits
-        self.grid = (self.n_chunks, batch, groups * splits if groups > 1 else triton.cdiv(blocks, self.blocks_per_program))
+        self.grid = (n_chunks, batch, groups * splits if groups > 1 else triton.cdiv(blocks, self.blocks_per_program))
         self.atomic = splits > 1
         self.warps = warps
+
+    def launch(self):
+        """Keyword arguments every chunk kernel takes from its tiling."""
+        return dict(BLOCK_D=self.block_d, num_warps=self.warps)
+
+
+class _Plan:
+    """Launch geometry shared by the forward and backward passes of one call.
+
+    The gradient kernel holds about ten (T, N, BLOCK_D) tiles and sums dB/dC over its channels, so it runs with
+    one warp and small channel blocks (``grad``); the end-state, output and adjoint kernels hold a few tiles and
+    reduce only over the states and the tokens, so they may take wider channel blocks with more warps
+    (``light``): the same two (channel, state) lanes per thread, longer contiguous runs of a token row.
+    """
+
+    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps, light=None):
+        self.chunk = chunk
+        self.n_chunks = triton.cdiv(length, chunk)
+        self.d_state_padded = triton.next_power_of_2(d_state)
+        self.grad = _Tiles(batch, channels, self.n_chunks, groups, block_d, warps)
+        self.light = self.grad if light is None else _Tiles(batch, channels, self.n_chunks, groups, *light)
 
 
 def _save_states() -> bool:
@@ -494,7 +526,17 @@ def _config(chunk, block_d, warps):
     chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
-    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS
+    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS, _light_tiles()
+
+
+def _light_tiles():
+    """(channels per tile, warps) of the end-state, output and adjoint kernels, or None for the gradient kernel's.
+
+    $NNUNETV2_MAMBA_TRITON_LIGHT="channels:warps" sets them (benchmarks/triton_kernels.py compares them)."""
+    forced = os.environ.get("NNUNETV2_MAMBA_TRITON_LIGHT")
+    if forced:
+        return tuple(int(v) for v in forced.split(":"))
+    return DEFAULT_LIGHT
 
 
 def _token_strides(x):
@@ -526,11 +568,12 @@ def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> t
     b_var, _, sB = _bc_layout(B)
     dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
     ends = torch.empty(batch, K, channels, d_state, device=u.device, dtype=torch.float32)
-    _chunk_end_state_kernel[plan.grid](
+    tiles = plan.light
+    _chunk_end_state_kernel[tiles.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), A2 if delta_bias is None else delta_bias, A2,
-        B, *sB, ends, dtsum, channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+        B, *sB, ends, dtsum, channels, length, K, tiles.channels_per_group, tiles.blocks_per_program,
         B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N=d_state, N_PAD=plan.d_state_padded,
-        T=plan.chunk, BLOCK_D=plan.block_d, num_warps=plan.warps)
+        T=plan.chunk, **tiles.launch())
     starts = torch.empty(batch, K + 1, channels, d_state, device=u.device, dtype=torch.float32)
     _carry(ends, dtsum, A2, starts, forward=True)
     return starts
@@ -543,17 +586,17 @@ def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, k
     b_var, groups, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2  # any valid pointer for absent optional tensors
-    common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
-                  num_warps=plan.warps)
+    tiles = plan.light
     starts = _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan) if K > 1 or keep_states else None
     out = _empty_in_layout_of(u)
-    _chunk_output_kernel[plan.grid](
+    _chunk_output_kernel[tiles.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
         B, *sB, C, *sC, dummy if D is None else D, dummy if z is None else z,
         *(_token_strides(z) if z is not None else (0, 0, 0)), dummy if starts is None else starts,
-        out, *_token_strides(out), channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+        out, *_token_strides(out), channels, length, K, tiles.channels_per_group, tiles.blocks_per_program,
         B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, **common)
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, N=d_state,
+        N_PAD=plan.d_state_padded, T=plan.chunk, **tiles.launch())
     return out, starts
 
 
@@ -639,8 +682,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
     b_var, _, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2
-    common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk, BLOCK_D=plan.block_d,
-                  num_warps=plan.warps)
+    common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk)
+    light, heavy = plan.light, plan.grad
     bias = dummy if delta_bias is None else delta_bias
     z_strides = _token_strides(z) if z is not None else (0, 0, 0)
     dev = u.device
@@ -650,12 +693,12 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
         dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
         adj = torch.empty(batch, K, channels, d_state, device=dev, dtype=torch.float32)
-        _chunk_adjoint_kernel[plan.grid](
+        _chunk_adjoint_kernel[light.grid](
             grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
             dummy if z is None else z, *z_strides, adj, dtsum,
-            channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+            channels, length, K, light.channels_per_group, light.blocks_per_program,
             C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            HAS_Z=z is not None, **common)
+            HAS_Z=z is not None, **common, **light.launch())
         carries = torch.empty(batch, K + 1, channels, d_state, device=dev, dtype=torch.float32)
         _carry(adj, dtsum, A2, carries, forward=False)
         del adj
@@ -667,7 +710,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
 
         def bc_grad_buffer(mat, variable):
             if variable:  # one slice per group even for a shared B/C next to a grouped C/B: summed below
-                alloc = torch.zeros if plan.atomic else torch.empty
+                alloc = torch.zeros if heavy.atomic else torch.empty
                 return alloc(batch, groups, d_state, length, device=dev, dtype=torch.float32)
             return torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
 
@@ -675,17 +718,17 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         dD_part = torch.empty(batch * K, channels, device=dev, dtype=torch.float32) if D is not None else None
         dbias_part = (torch.empty(batch * K, channels, device=dev, dtype=torch.float32)
                       if delta_bias is not None else None)
-        _chunk_grad_kernel[plan.grid](
+        _chunk_grad_kernel[heavy.grid](
             u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
             dummy if D is None else D, dummy if z is None else z, *z_strides,
             grad_out, *_token_strides(grad_out), starts, carries,
             du, ddelta, *_token_strides(du), dummy if dz is None else dz,
             *(_token_strides(dz) if dz is not None else (0, 0, 0)), dB_buf, dC_buf, partial_dn,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
-            channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
+            channels, length, K, heavy.channels_per_group, heavy.blocks_per_program, groups,
             B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
-            BC_ATOMIC=plan.atomic, **common)
+            BC_ATOMIC=heavy.atomic, **common, **heavy.launch())
 
         dA = partial_dn.sum(0)
 
