@@ -14,14 +14,14 @@ walks the sequence would fill only batch x channels multiprocessors). Forward, t
 1. ``_chunk_end_state_kernel``: each chunk's end state from a zero start, and its summed delta (the chunk's
    total decay is exp(A * sum delta), so only the sum is stored). The end state is a weighted sum, not a
    scan: h_end = sum_t exp(A * sum_{s>t} delta_s) * delta_t B_t u_t.
-2. ``_chunk_carry_kernel``: the states entering the chunks, H_{k+1} = exp(A sum_k delta) H_k + E_k, solved
-   with ``tl.associative_scan`` over blocks of chunks and a carry between blocks (one short loop of
-   K / CHUNK_BLOCK steps per (batch, state lane) instead of K serial steps).
+2. the carry (``_carry``): the states entering the chunks, H_{k+1} = exp(A sum_k delta) H_k + E_k, solved with
+   ``tl.associative_scan`` over tiles of chunks and a carry between tiles, in two levels for long sequences
+   (superblocks of chunks in parallel from zero, a carry over the superblocks, a fix-up adding it back).
 3. ``_chunk_output_kernel``: each chunk rescanned from its entering state (associative scan over the tokens of
    a (T, d_state, channels) tile), y with the D skip and the z gate fused, written in u's dtype.
 
 The backward keeps nothing but the inputs (mamba_ssm keeps its output too): the chunk-entering states
-(B, K + 1, D, N) fp32 are as large as an fp32 copy of u at T = 16 and N = 16, so the backward recomputes them with
+(B, K + 1, N, D) fp32 are as large as an fp32 copy of u at T = 16 and N = 16, so the backward recomputes them with
 launches 1 and 2 ($NNUNETV2_MAMBA_TRITON_SAVE_STATES=1 keeps them instead: a faster backward for that memory).
 Backward, three launches with the same structure, run against time:
 
@@ -57,15 +57,17 @@ DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 4
 DEFAULT_WARPS = 1
 DEFAULT_LIGHT = None  # the light kernels' (channels per tile, warps); None: the gradient kernel's
-CHUNK_BLOCK = 256  # chunks per associative scan in _chunk_carry_kernel
-CARRY_LANES = 16  # state lanes (d, n) per program in _chunk_carry_kernel
-# Chunks per superblock of the two-level carry: superblocks are scanned in parallel from zero, then their
-# entering states are carried over the (few) superblocks and added back, so no program walks all K chunks.
-# NNUNETV2_MAMBA_TRITON_CARRY="chunks,superblock" overrides both (tests use tiny ones); the superblock must be
-# a multiple of the chunk block.
-SUPERBLOCK = 2048
+# The carry over chunks: tiles of CARRY_CHUNKS chunks x all states x CARRY_LANE_D channels on one warp. Long
+# sequences use two levels: superblocks of chunks scanned in parallel from zero, their entering states carried
+# over the (about CARRY_SUPERBLOCKS) superblocks, then added back, so no program walks all K chunks.
+# NNUNETV2_MAMBA_TRITON_CARRY="chunks,superblock" fixes both (tests use tiny ones); the superblock must be a
+# multiple of the chunks per tile.
+CARRY_CHUNKS = 8
+CARRY_LANE_D = 8
+CARRY_SUPERBLOCKS = 128
+FORCED_SUPERBLOCK = None
 if os.environ.get("NNUNETV2_MAMBA_TRITON_CARRY"):
-    CHUNK_BLOCK, SUPERBLOCK = (int(v) for v in os.environ["NNUNETV2_MAMBA_TRITON_CARRY"].split(","))
+    CARRY_CHUNKS, FORCED_SUPERBLOCK = (int(v) for v in os.environ["NNUNETV2_MAMBA_TRITON_CARRY"].split(","))
 # Programs below which the channels of a group are split over several programs (atomics for dB/dC).
 MIN_PROGRAMS = 1024
 
@@ -147,10 +149,10 @@ def _channel_block(split, block, blocks_per_program, D, t_mask, n_mask, BLOCK_D:
 
 
 @triton.jit
-def _state_offsets(row_start, d, n, N: tl.constexpr):
-    """Offsets of the (N, BLOCK_D) tile of channels d in a (rows, D, N)-contiguous state buffer whose row starts at
-    element ``row_start`` * N (row_start = row * D); 0 for A * log2(e), a (D, N) matrix."""
-    return (row_start + d[None, :]) * N + n[:, None]
+def _state_offsets(row_start, d, n, D, N: tl.constexpr):
+    """Offsets of the (N, BLOCK_D) tile of channels d in a (rows, N, D)-contiguous state buffer whose row starts at
+    element ``row_start`` * N (row_start = row * D); 0 for A * log2(e), stored transposed as an (N, D) matrix."""
+    return row_start * N + n[:, None] * D + d[None, :]
 
 
 # Tiles are (T, N, BLOCK_D): tokens first, channels last. Triton's default layout spreads the last axis over the
@@ -175,42 +177,64 @@ def _chunk_end_state_kernel(
                                                            BLOCK_D)
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
                       t_mask, B_VARIABLE)
         decay, state = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), (dt * u)[:, None, :] * Bt),
                                            0, _first_order_combine)
         end = tl.sum(tl.where((tl.arange(0, T) == T - 1)[:, None, None], state, 0.0), axis=0)  # (N_PAD, BLOCK_D)
         row = (b * K + k) * D
-        tl.store(end_ptr + _state_offsets(row, d, n, N), end, mask=nd_mask)
+        tl.store(end_ptr + _state_offsets(row, d, n, D, N), end, mask=nd_mask)
         tl.store(dtsum_ptr + row + d, tl.sum(dt, axis=0), mask=d_mask)
 
 
 @triton.jit
-def _chunk_carry_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, K, D, first_in, step_in, first_out, step_out,
-                        N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr):
-    """out[j + 1] = exp2(A2 * dtsum[j]) * out[j] + local[j] over chunks j (physical index first + j * step).
+def _carry_lanes(D, N: tl.constexpr, N_PAD: tl.constexpr, LANE_D: tl.constexpr):
+    """Return (channel, offset n * D + d, mask) of the N_PAD * LANE_D lanes (state n, channel d) of this program."""
+    index = tl.arange(0, N_PAD * LANE_D)
+    n = index // LANE_D
+    d = tl.program_id(0) * LANE_D + index % LANE_D
+    return d, n * D + d, (n < N) & (d < D)
 
-    local: (batch, K, D * N); dtsum: (batch, K, D); out: (batch, K + 1, D * N); out's first slot gets 0.
+
+@triton.jit
+def _carry_rows(local_ptr, dtsum_ptr, b, K, D, j, first_in, step_in, d, lane, lane_mask, lanes_total):
+    """Load the (CHUNKS, lanes) local states and delta sums of logical chunks j."""
+    row = b * K + (first_in + j * step_in).to(tl.int64)
+    mask = (j < K)[:, None] & lane_mask[None, :]
+    local = tl.load(local_ptr + row[:, None] * lanes_total + lane[None, :], mask=mask, other=0.0)
+    dtsum = tl.load(dtsum_ptr + row[:, None] * D + d[None, :], mask=mask, other=0.0)
+    return local, dtsum, mask
+
+
+# The carry kernels walk chunks in (CHUNKS, lanes) tiles, a lane being a (state, channel) pair; the lanes fill the
+# warp and the chunks stay inside each thread, so the scans over chunks need no shuffles (a tile of 16 lanes x 256
+# chunks on 4 warps, the first version, spread the chunks over the threads: 484 shuffles per tile, 2.6 ms per carry
+# level at 2 x 128^3 x 64). States are (batch, chunk, N, D), channels contiguous. Chunks are logical: physical
+# index first + j * step (the backward walks them from the end).
+
+
+@triton.jit
+def _chunk_carry_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, K, D, first_in, step_in, first_out, step_out,
+                        N: tl.constexpr, N_PAD: tl.constexpr, LANE_D: tl.constexpr, CHUNKS: tl.constexpr):
+    """out[j + 1] = exp2(A2 * dtsum[j]) * out[j] + local[j] over chunks j; out's first slot gets 0.
+
+    local: (batch, K, N, D); dtsum: (batch, K, D); A2: (N, D); out: (batch, K + 1, N, D).
     """
-    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    d, lane, lane_mask = _carry_lanes(D, N, N_PAD, LANE_D)
     b = tl.program_id(1).to(tl.int64)
     lanes_total = D * N
-    lane_mask = lane < lanes_total
     A2 = tl.load(A2_ptr + lane, mask=lane_mask, other=0.0)
-    channel = lane // N
-    carry = tl.zeros([LANES], dtype=tl.float32)
+    carry = tl.zeros([N_PAD * LANE_D], dtype=tl.float32)
     out_base = out_ptr + b * (K + 1) * lanes_total
     tl.store(out_base + first_out * lanes_total + lane, carry, mask=lane_mask)
     rows = tl.arange(0, CHUNKS)
     for j0 in range(0, K, CHUNKS):
         j = j0 + rows
-        mask = (j < K)[:, None] & lane_mask[None, :]
-        k_in = (first_in + j * step_in).to(tl.int64)
-        local = tl.load(local_ptr + (b * K + k_in)[:, None] * lanes_total + lane[None, :], mask=mask, other=0.0)
-        dtsum = tl.load(dtsum_ptr + (b * K + k_in)[:, None] * D + channel[None, :], mask=mask, other=0.0)
-        decay = tl.exp2(dtsum * A2[None, :])  # masked chunks: decay 1, local 0, the state passes unchanged
-        decay_run, state = tl.associative_scan((decay, local), 0, _first_order_combine)
+        local, dtsum, mask = _carry_rows(local_ptr, dtsum_ptr, b, K, D, j, first_in, step_in, d, lane, lane_mask,
+                                         lanes_total)
+        # masked chunks: decay 1, local 0, the state passes unchanged
+        decay_run, state = tl.associative_scan((tl.exp2(dtsum * A2[None, :]), local), 0, _first_order_combine)
         state = state + decay_run * carry[None, :]
         k_out = (first_out + (j + 1) * step_out).to(tl.int64)
         tl.store(out_base + k_out[:, None] * lanes_total + lane[None, :], state, mask=mask)
@@ -219,33 +243,29 @@ def _chunk_carry_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, K, D, first_in, s
 
 @triton.jit
 def _carry_local_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, super_end_ptr, super_dt_ptr, K, D,
-                        first_in, step_in, first_out, step_out,
-                        N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr, SUPER: tl.constexpr):
+                        first_in, step_in, first_out, step_out, SUPER,
+                        N: tl.constexpr, N_PAD: tl.constexpr, LANE_D: tl.constexpr, CHUNKS: tl.constexpr):
     """Level 1 of the carry: the states after each chunk of superblock s, from a zero state at its start.
 
     Writes them to out like _chunk_carry_kernel, and the superblock's end state and summed delta (per lane)
-    to super_end / super_dt (batch, n_super, D * N).
+    to super_end / super_dt (batch, n_super, N, D).
     """
-    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    d, lane, lane_mask = _carry_lanes(D, N, N_PAD, LANE_D)
     b = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
     n_super = tl.num_programs(2)
     lanes_total = D * N
-    lane_mask = lane < lanes_total
     A2 = tl.load(A2_ptr + lane, mask=lane_mask, other=0.0)
-    channel = lane // N
-    carry = tl.zeros([LANES], dtype=tl.float32)
-    dt_total = tl.zeros([LANES], dtype=tl.float32)
+    carry = tl.zeros([N_PAD * LANE_D], dtype=tl.float32)
+    dt_total = tl.zeros([N_PAD * LANE_D], dtype=tl.float32)
     out_base = out_ptr + b * (K + 1) * lanes_total
     if s == 0:
         tl.store(out_base + first_out * lanes_total + lane, carry, mask=lane_mask)
     rows = tl.arange(0, CHUNKS)
     for j0 in range(s * SUPER, s * SUPER + SUPER, CHUNKS):
         j = j0 + rows
-        mask = (j < K)[:, None] & lane_mask[None, :]
-        k_in = (first_in + j * step_in).to(tl.int64)
-        local = tl.load(local_ptr + (b * K + k_in)[:, None] * lanes_total + lane[None, :], mask=mask, other=0.0)
-        dtsum = tl.load(dtsum_ptr + (b * K + k_in)[:, None] * D + channel[None, :], mask=mask, other=0.0)
+        local, dtsum, mask = _carry_rows(local_ptr, dtsum_ptr, b, K, D, j, first_in, step_in, d, lane, lane_mask,
+                                         lanes_total)
         decay_run, state = tl.associative_scan((tl.exp2(dtsum * A2[None, :]), local), 0, _first_order_combine)
         state = state + decay_run * carry[None, :]
         k_out = (first_out + (j + 1) * step_out).to(tl.int64)
@@ -259,25 +279,23 @@ def _carry_local_kernel(local_ptr, dtsum_ptr, A2_ptr, out_ptr, super_end_ptr, su
 
 @triton.jit
 def _carry_fix_kernel(dtsum_ptr, A2_ptr, out_ptr, super_start_ptr, K, D, first_in, step_in, first_out, step_out,
-                      N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr, SUPER: tl.constexpr):
+                      SUPER, N: tl.constexpr, N_PAD: tl.constexpr, LANE_D: tl.constexpr, CHUNKS: tl.constexpr):
     """Level 3 of the carry: add the state entering superblock s + 1, decayed to each of its chunks."""
-    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    d, lane, lane_mask = _carry_lanes(D, N, N_PAD, LANE_D)
     b = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2) + 1
     n_super = tl.num_programs(2) + 1
     lanes_total = D * N
-    lane_mask = lane < lanes_total
     A2 = tl.load(A2_ptr + lane, mask=lane_mask, other=0.0)
-    channel = lane // N
     entering = tl.load(super_start_ptr + (b * (n_super + 1) + s) * lanes_total + lane, mask=lane_mask, other=0.0)
-    dt_before = tl.zeros([LANES], dtype=tl.float32)
+    dt_before = tl.zeros([N_PAD * LANE_D], dtype=tl.float32)
     out_base = out_ptr + b * (K + 1) * lanes_total
     rows = tl.arange(0, CHUNKS)
     for j0 in range(s * SUPER, s * SUPER + SUPER, CHUNKS):
         j = j0 + rows
+        row = b * K + (first_in + j * step_in).to(tl.int64)
         mask = (j < K)[:, None] & lane_mask[None, :]
-        k_in = (first_in + j * step_in).to(tl.int64)
-        dtsum = tl.load(dtsum_ptr + (b * K + k_in)[:, None] * D + channel[None, :], mask=mask, other=0.0)
+        dtsum = tl.load(dtsum_ptr + row[:, None] * D + d[None, :], mask=mask, other=0.0)
         prefix = dt_before[None, :] + tl.cumsum(dtsum, axis=0)  # delta summed from the superblock start
         k_out = (first_out + (j + 1) * step_out).to(tl.int64)
         ptrs = out_base + k_out[:, None] * lanes_total + lane[None, :]
@@ -303,13 +321,13 @@ def _chunk_output_kernel(
         group = d_start // channels_per_group
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
         decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), (dt * u)[:, None, :] * Bt),
                                            0, _first_order_combine)
         if HAS_START:
-            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, N), mask=nd_mask,
+            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, D, N), mask=nd_mask,
                          other=0.0)
             h += decay_run * h0[None, :, :]
         y = tl.sum(h * Ct, axis=1)  # (T, BLOCK_D)
@@ -339,14 +357,14 @@ def _chunk_adjoint_kernel(
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             dy *= zv / (1.0 + tl.exp(-zv))
         dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
                       t_mask, C_VARIABLE)
         # Q = sum_t (a_{s_k} ... a_t) C_t dy_t: a forward scan whose running decay is that product.
         decay = tl.exp2(A2[None, :, :] * dt[:, None, :])
         decay_run, _ = tl.associative_scan((decay, tl.zeros_like(decay)), 0, _first_order_combine)
         adj = tl.sum(decay_run * Ct * dy[:, None, :], axis=0)
-        tl.store(adj_ptr + _state_offsets((b * K + k) * D, d, n, N), adj, mask=nd_mask)
+        tl.store(adj_ptr + _state_offsets((b * K + k) * D, d, n, D, N), adj, mask=nd_mask)
         tl.store(dtsum_ptr + (b * K + k) * D + d, tl.sum(dt, axis=0), mask=d_mask)
 
 
@@ -375,7 +393,7 @@ def _chunk_grad_kernel(
                                                            BLOCK_D)
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, raw = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, N), mask=nd_mask, other=0.0)
+        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
         Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
         dout = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
@@ -386,7 +404,7 @@ def _chunk_grad_kernel(
         decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), drive), 0,
                                            _first_order_combine)
         if HAS_START:
-            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, N), mask=nd_mask,
+            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, D, N), mask=nd_mask,
                          other=0.0)
             h += decay_run * h0[None, :, :]
         decayed_prev = h - drive  # a_t * h_{t-1}
@@ -410,7 +428,7 @@ def _chunk_grad_kernel(
         dt_next, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t_next, d_mask, next_mask,
                                  HAS_BIAS, SOFTPLUS)
         decay_after, g = _reverse_scan(tl.exp2(A2[None, :, :] * dt_next[:, None, :]), Ct * dy[:, None, :])
-        carry = tl.load(carry_ptr + _state_offsets((b * (K + 1) + k + 1) * D, d, n, N), mask=nd_mask,
+        carry = tl.load(carry_ptr + _state_offsets((b * (K + 1) + k + 1) * D, d, n, D, N), mask=nd_mask,
                         other=0.0)
         g += decay_after * carry[None, :, :]
 
@@ -428,7 +446,7 @@ def _chunk_grad_kernel(
         tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddt_ptr + grad_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
-        part_dn = _state_offsets((b * K + k) * D, d, n, N)
+        part_dn = _state_offsets((b * K + k) * D, d, n, D, N)
         tl.store(dA_ptr + part_dn, tl.sum(g_prev * dt[:, None, :], axis=0), mask=nd_mask)
         part_d = (b * K + k) * D + d
         if HAS_D:
@@ -539,6 +557,11 @@ def _light_tiles():
     return DEFAULT_LIGHT
 
 
+def _state_matrix(A: torch.Tensor) -> torch.Tensor:
+    """A * log2(e) as the kernels read it: fp32, (N, D)-contiguous like the state buffers (channels fastest)."""
+    return (A.detach().float() * LOG2E).t().contiguous()
+
+
 def _token_strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -557,31 +580,31 @@ def _empty_in_layout_of(x: torch.Tensor, dtype: Optional[torch.dtype] = None) ->
 
 
 def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> torch.Tensor:
-    """Return the states entering every chunk, (batch, K + 1, D, N) fp32; the last slot is the final state.
+    """Return the states entering every chunk, (batch, K + 1, N, D) fp32; the last slot is the final state.
 
     Two phases of the forward (chunk end states from zero, then the carry over the chunks). The backward calls it
     again instead of keeping the result (see SelectiveScanTriton).
     """
     batch, channels, length = u.shape
-    d_state = A2.shape[1]
+    d_state = A2.shape[0]
     K = plan.n_chunks
     b_var, _, sB = _bc_layout(B)
     dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
-    ends = torch.empty(batch, K, channels, d_state, device=u.device, dtype=torch.float32)
+    ends = torch.empty(batch, K, d_state, channels, device=u.device, dtype=torch.float32)
     tiles = plan.light
     _chunk_end_state_kernel[tiles.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), A2 if delta_bias is None else delta_bias, A2,
         B, *sB, ends, dtsum, channels, length, K, tiles.channels_per_group, tiles.blocks_per_program,
         B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N=d_state, N_PAD=plan.d_state_padded,
         T=plan.chunk, **tiles.launch())
-    starts = torch.empty(batch, K + 1, channels, d_state, device=u.device, dtype=torch.float32)
+    starts = torch.empty(batch, K + 1, d_state, channels, device=u.device, dtype=torch.float32)
     _carry(ends, dtsum, A2, starts, forward=True)
     return starts
 
 
 def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, keep_states: bool):
     batch, channels, length = u.shape
-    d_state = A2.shape[1]
+    d_state = A2.shape[0]
     K = plan.n_chunks
     b_var, groups, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
@@ -600,44 +623,54 @@ def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, k
     return out, starts
 
 
+def _superblock(n_chunks: int) -> int:
+    """Chunks per superblock of the two-level carry (a power-of-two multiple of CARRY_CHUNKS)."""
+    if FORCED_SUPERBLOCK:
+        return FORCED_SUPERBLOCK
+    return max(CARRY_CHUNKS, triton.next_power_of_2(triton.cdiv(n_chunks, CARRY_SUPERBLOCKS)))
+
+
 def _carry(local, dtsum, A2, out, forward: bool):
-    """Fill out (batch, K + 1, D, N) with the states between chunks (forward) or the adjoints (backward)."""
-    batch, K, channels, d_state = local.shape
+    """Fill out (batch, K + 1, N, D) with the states between chunks (forward) or the adjoints (backward)."""
+    batch, K, d_state, channels = local.shape
     lanes = channels * d_state
-    lane_blocks = triton.cdiv(lanes, CARRY_LANES)
     first_in, step_in, first_out, step_out = (0, 1, 0, 1) if forward else (K - 1, -1, K, -1)
-    n_super = triton.cdiv(K, SUPERBLOCK)
+    superblock = _superblock(K)
+    n_super = triton.cdiv(K, superblock)
+    geometry = dict(N=d_state, N_PAD=triton.next_power_of_2(d_state), LANE_D=CARRY_LANE_D, CHUNKS=CARRY_CHUNKS,
+                    num_warps=1)
+    channel_blocks = triton.cdiv(channels, CARRY_LANE_D)
     if n_super == 1:
-        _chunk_carry_kernel[(lane_blocks, batch)](local, dtsum, A2, out, K, channels, first_in, step_in, first_out,
-                                                  step_out, N=d_state, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK,
-                                                  num_warps=4)
+        _chunk_carry_kernel[(channel_blocks, batch)](local, dtsum, A2, out, K, channels, first_in, step_in,
+                                                     first_out, step_out, **geometry)
         return
-    geometry = dict(N=d_state, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK, SUPER=SUPERBLOCK, num_warps=4)
-    super_end = torch.empty(batch, n_super, lanes, device=out.device, dtype=torch.float32)
+    super_end = torch.empty(batch, n_super, d_state, channels, device=out.device, dtype=torch.float32)
     super_dt = torch.empty_like(super_end)
-    _carry_local_kernel[(lane_blocks, batch, n_super)](local, dtsum, A2, out, super_end, super_dt, K, channels,
-                                                       first_in, step_in, first_out, step_out, **geometry)
-    # Superblocks in logical order: one lane per (channel, state) with its own summed delta (N=1 view).
+    _carry_local_kernel[(channel_blocks, batch, n_super)](local, dtsum, A2, out, super_end, super_dt, K, channels,
+                                                          first_in, step_in, first_out, step_out, superblock,
+                                                          **geometry)
+    # Superblocks in logical order: one lane per (state, channel) with its own summed delta (an N = 1 view).
     super_start = torch.empty(batch, n_super + 1, lanes, device=out.device, dtype=torch.float32)
-    _chunk_carry_kernel[(lane_blocks, batch)](super_end, super_dt, A2, super_start, n_super, lanes, 0, 1, 0, 1,
-                                              N=1, LANES=CARRY_LANES, CHUNKS=CHUNK_BLOCK, num_warps=4)
-    _carry_fix_kernel[(lane_blocks, batch, n_super - 1)](dtsum, A2, out, super_start, K, channels, first_in,
-                                                         step_in, first_out, step_out, **geometry)
+    _chunk_carry_kernel[(triton.cdiv(lanes, CARRY_LANE_D), batch)](
+        super_end, super_dt, A2, super_start, n_super, lanes, 0, 1, 0, 1,
+        **dict(geometry, N=1, N_PAD=1))
+    _carry_fix_kernel[(channel_blocks, batch, n_super - 1)](dtsum, A2, out, super_start, K, channels, first_in,
+                                                            step_in, first_out, step_out, superblock, **geometry)
 
 
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, warps):
         plan, groups = make_plan(u, A, B, C, chunk, block_d, warps)
-        A2 = (A.detach().float() * LOG2E).contiguous()
+        A2 = _state_matrix(A)
         # The kernels index D and delta_bias with unit stride.
         D_skip = None if D is None else D.contiguous()
         bias = None if delta_bias is None else delta_bias.contiguous()
         with torch.autocast(device_type=u.device.type, enabled=False):
             out, starts = _scan_forward(u, delta, A2, B, C, D_skip, z, bias, delta_softplus, plan,
                                         keep_states=True)
-        last_state = starts[:, -1].clone()
-        # The chunk-start states are (batch, K + 1, D, N) fp32: at 16 tokens per chunk and N = 16 as large as an
+        last_state = starts[:, -1].transpose(1, 2).contiguous()
+        # The chunk-start states are (batch, K + 1, N, D) fp32: at 16 tokens per chunk and N = 16 as large as an
         # fp32 copy of u, twice a bf16 one, far more than mamba_ssm keeps. By default the backward recomputes them
         # (two of the forward's three launches) instead; $NNUNETV2_MAMBA_TRITON_SAVE_STATES=1 keeps them.
         saved_states = starts if _save_states() else None
@@ -665,7 +698,7 @@ def make_plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan) -> torch.Tensor:
     """Return the scan output alone (no autograd; nothing kept): the forward of a caller's own Function."""
-    A2 = (A.detach().float() * LOG2E).contiguous()
+    A2 = _state_matrix(A)
     with torch.autocast(device_type=u.device.type, enabled=False):
         out, _ = _scan_forward(u, delta, A2, B, C, D, z, delta_bias, delta_softplus, plan, keep_states=False)
     return out
@@ -678,7 +711,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
     batch, channels, length = u.shape
     d_state = A.shape[1]
     K = plan.n_chunks
-    A2 = (A.float() * LOG2E).contiguous()
+    A2 = _state_matrix(A)
     b_var, _, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2
@@ -692,27 +725,27 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
             starts = _chunk_start_states(u, delta, A2, B, delta_bias, delta_softplus, plan)
         # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
         dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
-        adj = torch.empty(batch, K, channels, d_state, device=dev, dtype=torch.float32)
+        adj = torch.empty(batch, K, d_state, channels, device=dev, dtype=torch.float32)
         _chunk_adjoint_kernel[light.grid](
             grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
             dummy if z is None else z, *z_strides, adj, dtsum,
             channels, length, K, light.channels_per_group, light.blocks_per_program,
             C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_Z=z is not None, **common, **light.launch())
-        carries = torch.empty(batch, K + 1, channels, d_state, device=dev, dtype=torch.float32)
+        carries = torch.empty(batch, K + 1, d_state, channels, device=dev, dtype=torch.float32)
         _carry(adj, dtsum, A2, carries, forward=False)
         del adj
 
         du = _empty_in_layout_of(u)
         ddelta = _empty_in_layout_of(u, delta.dtype)  # the kernel writes both through one set of strides
         dz = _empty_in_layout_of(z) if z is not None else None
-        partial_dn = torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+        partial_dn = torch.empty(batch * K, d_state, channels, device=dev, dtype=torch.float32)
 
         def bc_grad_buffer(mat, variable):
             if variable:  # one slice per group even for a shared B/C next to a grouped C/B: summed below
                 alloc = torch.zeros if heavy.atomic else torch.empty
                 return alloc(batch, groups, d_state, length, device=dev, dtype=torch.float32)
-            return torch.empty(batch * K, channels, d_state, device=dev, dtype=torch.float32)
+            return torch.empty(batch * K, d_state, channels, device=dev, dtype=torch.float32)
 
         dB_buf, dC_buf = bc_grad_buffer(B, b_var), bc_grad_buffer(C, c_var)
         dD_part = torch.empty(batch * K, channels, device=dev, dtype=torch.float32) if D is not None else None
@@ -730,11 +763,11 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
             SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
             BC_ATOMIC=heavy.atomic, **common, **heavy.launch())
 
-        dA = partial_dn.sum(0)
+        dA = partial_dn.sum(0).t().contiguous()  # (D, N), like A
 
         def bc_grad(buf, mat, variable):
             if not variable:
-                return buf.sum(0).to(mat.dtype)
+                return buf.sum(0).t().contiguous().to(mat.dtype)
             if mat.dim() == 3:
                 buf = buf[:, 0] if groups == 1 else buf.sum(1)
             return buf.to(mat.dtype)

@@ -261,6 +261,28 @@ def test_interpreted_kernels_match_fp64_reference(interpreted_results, index):
     assert not bad, f"case {CASE_IDS[index]}: errors above 2e-5: {bad}"
 
 
+def test_default_carry_geometry_matches_fp64_reference():
+    """The carry as shipped (tiles of 8 chunks, superblocks sized to the sequence; the other tests force tiny
+    ones): chunks of 2 tokens give K = 5 (one level) and K = 150 (19 superblocks of 8 chunks, two levels)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = {k: v for k, v in os.environ.items() if k != "NNUNETV2_MAMBA_TRITON_CARRY"}
+    env.update(TRITON_INTERPRET="1", NNUNETV2_MAMBA_TRITON_CHUNK="2",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import json; from tests.nnunetv2_mamba.ssm.test_triton_scan import run_case; "
+            "from nnunetv2_mamba.ssm.backends.triton_scan import _superblock; "
+            "print(json.dumps([_superblock(5), _superblock(150)] + [run_case(L, 'shared', 1, 4, True, True) "
+            "for L in (10, 299)]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    small_superblock, long_superblock, *cases = json.loads(done.stdout.splitlines()[-1])
+    assert small_superblock >= 5 and 8 <= long_superblock < 150, (small_superblock, long_superblock)
+    for errors in cases:
+        errors.pop("out_dtype_ok")
+        bad = {name: value for name, value in errors.items() if not value < 2e-5}
+        assert not bad, bad
+
+
 def test_backward_recomputes_the_chunk_states_instead_of_saving_them(interpreted_results):
     """The scan saves nothing for its backward beyond its inputs (mamba_ssm keeps its output as well); keeping the
     chunk states is opt-in and gives the same gradients."""
