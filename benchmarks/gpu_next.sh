@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, one mode per device call (each well inside the 10-minute limit):
-#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|finish|finish24|last|kernels|tests|networks
+#   source .gpu/use.sh && bash benchmarks/gpu_next.sh first|plans|calibrate|finish|finish24|last|kernels|networks_triton|tests|networks
 # first:    (a) layer timings on an idle GPU: the triton layer with torch's conv, with the Triton conv
 #           ($NNUNETV2_MAMBA_TRITON_CONV), the fused Function, mamba_ssm; bf16 and fp32; the per-kernel profile of
 #           both triton layers and mamba_ssm's; (b) then, concurrently (no timings): the GPU tests of the scan
@@ -13,11 +13,12 @@
 # finish / finish24: what the fourth session ran: MultiSegMamba's 24 / 40 GB plans (finish24: the 24 GB one alone),
 #           the layer timings, GPU tests and the last calibration points beside them.
 # kernels:  the Triton scan's kernels per tiling, layout and dtype; the layer per light-kernel tiling.
+# networks_triton: the d_state-16 networks on mamba_ssm, triton, and the automatic choice (bf16 mixers).
 # tests:    every GPU test that is not e2e.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|tests|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|tests|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -134,7 +135,17 @@ case "$what" in
           --warmup 2 --backends triton mamba_ssm >> "$out/layers.log" 2>&1
       done
     done
-    grep "^==\|2x2097152x32" "$out/layers.log" ;;
+    grep "^==\|2x2097152x32" "$out/layers.log"
+    # the automatic choice's evidence: shorter sequences, more channels (bf16, current code)
+    timeout 150 python3 benchmarks/benchmark_scan.py --shapes 2x262144x64 2x32768x128 2x4096x256 2x4096x512 \
+      --dtype bf16 --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/shapes.log" 2>&1
+    grep "^| 2x" "$out/shapes.log" ;;
+  networks_triton)  # the d_state-16 networks (the SegMamba family has 128: no triton) on mamba_ssm vs triton, bf16
+    # mixers (the default policy); $NETS narrows them
+    nets="${NETS:-UMambaEnc UMambaBot LoGVMamba}"
+    bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm
+    bench triton NNUNETV2_MAMBA_BACKEND=triton
+    bench auto ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

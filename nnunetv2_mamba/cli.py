@@ -109,6 +109,14 @@ def _check_devices_and_backends(report: Report) -> None:
         report.ok(f"chosen for d_state 128 (the SegMamba family) on {device}: {chosen_names[-1]}{source}")
     except BackendError as error:
         report.note(f"the SegMamba family (d_state 128) cannot run here: {error}")
+    try:  # the automatic choice also looks at the length: a 3D stage at 128^3 scans 2^21 tokens
+        from nnunetv2_mamba.ssm.backends.triton_backend import preferred_min_length
+        long_length = max(preferred_min_length(), 1)
+        long_u = torch.zeros(1, 1, 1, device=device).expand(1, 1, long_length)  # a view: nothing allocated
+        report.ok(f"chosen for sequences of {long_length} tokens or more on {device}: "
+                  f"{select_backend(long_u, probe_a).name}{source}")
+    except (BackendError, ValueError) as error:
+        report.problem(str(error), f"unset {BACKEND_ENV_VAR} and NNUNETV2_MAMBA_TRITON_MIN_LENGTH")
     if device == "cuda" and not forced and "torch" in chosen_names:
         report.note("only the pure-PyTorch scan is usable on this GPU for some networks (see the lines above): "
                     "install mamba-ssm for full speed")

@@ -24,6 +24,7 @@ from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CHECKPOINT_NAMES, Checkp
                                         guard_out_of_memory, load_checkpoint_file, missing_continue_message,
                                         out_of_memory_message)
 from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, select_backend
+from nnunetv2_mamba.ssm.backends.triton_backend import preferred_min_length
 from nnunetv2_mamba.ssm.scan import requested_backend_name
 
 
@@ -302,6 +303,14 @@ def describe_scan_backends(network: nn.Module, device: torch.device, dtype: torc
     forced = requested_backend_name()
     how = f"forced by ${BACKEND_ENV_VAR}={forced}" if forced != "auto" else "automatic choice"
     used = ", ".join(f"{name} ({count} selective scan{'s' * (count != 1)})" for name, count in chosen.most_common())
+    if forced == "auto" and used:
+        long_probe = torch.zeros(1, 1, 1, device=device, dtype=dtype).expand(1, 1, max(preferred_min_length(), 1))
+        try:
+            long_backend = select_backend(long_probe, torch.zeros(1, 16, device=device))
+        except BackendError:
+            long_backend = None
+        if long_backend is not None and long_backend.name not in chosen:  # e.g. triton ahead of mamba_ssm on a 128^3 stage's 2^21 tokens
+            how += f"; scans of {preferred_min_length()} tokens or more with d_state <= 64: {long_backend.name}"
     text = f"{used} on {device} ({how})" if used else ""
     if problems:
         text += ("; " if text else "") + f"{len(problems)} selective scan(s) cannot run: {problems[0]}"

@@ -54,7 +54,7 @@ class Mamba(nn.Module):
                              f"got shape {tuple(hidden_states.shape)}.")
         batch, length, _ = hidden_states.shape
         A = state_matrix(self.A_log)
-        backend = select_backend(hidden_states, A, self.backend)
+        backend = select_backend(hidden_states.transpose(1, 2), A, self.backend)  # (batch, channels, length) view
         # causal-conv1d's kernels (and so the fused paths) handle conv widths 2 to 4.
         fusable = 2 <= self.d_conv <= 4
         fused_inner = backend.fused_mamba_inner() if fusable else None

@@ -76,10 +76,13 @@ def select_backend(u: torch.Tensor, A: torch.Tensor, backend: Optional[str] = No
                                f"be used: {reason} Choose another backend or unset {BACKEND_ENV_VAR} "
                                f"for automatic selection.")
         return chosen
-    for candidate in _PREFERENCE:
-        chosen = _REGISTRY[candidate]
-        if chosen.available() and chosen.supports(u, A):
+    usable = [_REGISTRY[candidate] for candidate in _PREFERENCE
+              if _REGISTRY[candidate].available() and _REGISTRY[candidate].supports(u, A)]
+    for chosen in usable:  # a backend measured faster for this shape goes first (triton on long sequences)
+        if chosen.preferred_for(u, A):
             return chosen
+    if usable:
+        return usable[0]
     raise BackendError("No selective-scan backend supports these tensors "
                        f"(device {u.device}, dtype {u.dtype}, d_state {A.shape[1]}).")
 

@@ -28,6 +28,11 @@ class ScanBackend:
         """Return True if the backend can run a scan on these tensors."""
         return self.unsupported_reason(u, A) is None
 
+    def preferred_for(self, u: torch.Tensor, A: torch.Tensor) -> bool:
+        """Return True where the automatic choice should take this backend ahead of the preference order
+        (shapes where it was measured faster than the backends before it)."""
+        return False
+
     def scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              return_last_state=False):
         """Return the scan output (and final state if asked); mamba_ssm ``selective_scan_fn`` semantics."""

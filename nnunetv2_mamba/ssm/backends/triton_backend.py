@@ -15,8 +15,25 @@ import torch
 from nnunetv2_mamba.ssm.backends.base import ScanBackend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The (channels, d_state, tokens) tiles live in registers; beyond 64 states they spill.
+# The (tokens, d_state, channels) tiles live in registers; beyond 64 states they spill.
 MAX_D_STATE = 64
+# From this many tokens on, the automatic choice takes triton ahead of mamba_ssm. One H200, Mamba(d_model) layer
+# forward + backward, bf16 (BENCHMARKS.md, 2026-12-02 fifth session): 2 x 2,097,152 tokens (a 128^3 stage) triton
+# 1.57x faster (fp32: 1.62x); 2 x 262,144 (64^3) mamba_ssm 1.09x faster, and more so at 32,768 and 4,096 tokens.
+# $NNUNETV2_MAMBA_TRITON_MIN_LENGTH moves the threshold (0: always triton where it can run).
+PREFERRED_MIN_LENGTH = 2 ** 20
+
+
+def preferred_min_length() -> int:
+    """Sequence length from which the automatic choice prefers triton ($NNUNETV2_MAMBA_TRITON_MIN_LENGTH)."""
+    value = os.environ.get("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", "").strip()
+    if not value:
+        return PREFERRED_MIN_LENGTH
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"$NNUNETV2_MAMBA_TRITON_MIN_LENGTH must be a whole number of tokens; got {value!r}. "
+                         "Unset it for the measured default.") from None
 
 
 def _interpreting() -> bool:
@@ -55,6 +72,9 @@ class TritonBackend(ScanBackend):
             return (f"the triton backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}. "
                     "Use backend='mamba_ssm' or 'torch'.")
         return None
+
+    def preferred_for(self, u, A) -> bool:
+        return u.shape[-1] >= preferred_min_length()  # supports() already requires CUDA (or the interpreter)
 
     def causal_conv1d(self):
         # Our Triton conv + SiLU (triton_conv.py) by default: on one H200 it took the layer's forward+backward at

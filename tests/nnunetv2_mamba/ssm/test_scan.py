@@ -185,6 +185,35 @@ def test_backend_selection_and_errors(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV_VAR, "TORCH")
     assert select_backend(inputs[0], inputs[2]).name == "torch"
 
+def test_automatic_choice_prefers_triton_on_long_sequences_only(monkeypatch):
+    """With both GPU backends usable (simulated here), the automatic order keeps mamba_ssm first, except for
+    sequences of PREFERRED_MIN_LENGTH tokens or more (measured: triton 1.6x faster at 2 x 128^3 tokens, slower at
+    64^3 and below), and d_state above the kernels' limit stays on mamba_ssm."""
+    from nnunetv2_mamba.ssm.backends.mamba_ssm_backend import MambaSsmBackend
+    from nnunetv2_mamba.ssm.backends.triton_backend import PREFERRED_MIN_LENGTH, TritonBackend
+
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    monkeypatch.delenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", raising=False)
+    for backend_class in (MambaSsmBackend, TritonBackend):
+        monkeypatch.setattr(backend_class, "unavailable_reason", lambda self: None)
+    monkeypatch.setattr(MambaSsmBackend, "unsupported_reason", lambda self, u, A: None)
+    monkeypatch.setattr(TritonBackend, "unsupported_reason",
+                        lambda self, u, A: None if A.shape[1] <= 64 else "d_state above 64")
+    A16, A128 = torch.zeros(4, 16), torch.zeros(4, 128)
+
+    def tokens(length):  # (batch, channels, length) views: nothing allocated
+        return torch.zeros(1, 1, 1).expand(2, 4, length)
+
+    assert select_backend(tokens(PREFERRED_MIN_LENGTH - 1), A16).name == "mamba_ssm"
+    assert select_backend(tokens(PREFERRED_MIN_LENGTH), A16).name == "triton"
+    assert select_backend(tokens(2 * PREFERRED_MIN_LENGTH), A128).name == "mamba_ssm"
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", "0")
+    assert select_backend(tokens(5), A16).name == "triton"
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", "lots")
+    with pytest.raises(ValueError, match="NNUNETV2_MAMBA_TRITON_MIN_LENGTH must be a whole number"):
+        select_backend(tokens(5), A16)
+
+
 @pytest.mark.parametrize("name,suggestion", [("mamba-ssm", "mamba_ssm"), ("torhc", "torch"), ("Mamba_SSM ", None),
                                              ("atuo", "auto")])
 def test_misspelled_backend_names_get_the_closest_name(name, suggestion, monkeypatch):
