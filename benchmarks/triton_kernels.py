@@ -1,9 +1,8 @@
 """Per-kernel CUDA time of the Triton scan's forward + backward for several tilings, layouts and dtypes (GPU).
 
-    python benchmarks/triton_kernels.py --cases "bf16:bld:4:1:-" "bf16:bld:4:1:16:4" ...
+    python benchmarks/triton_kernels.py --cases bf16:bld:4:1 fp32:bld:4:1 bf16:bdl:4:1 ...
 
-A case is ``dtype:layout:grad channels:grad warps:light tiling`` with the light tiling ``channels:warps`` or ``-``
-(the gradient kernel's; $NNUNETV2_MAMBA_TRITON_LIGHT), an optional ``:T`` last (tokens per chunk). Layout ``bld``
+A case is ``dtype:layout:channels per tile:warps``, an optional ``:T`` last (tokens per chunk). Layout ``bld``
 is the Mamba layer's (token-major u, delta, z, dout and (B, L, N) views of B and C), ``bdl`` (B, D, L)-contiguous.
 Shape: the raw scan of ``Mamba(d_model=32)`` at 2 x 128^3 tokens (d_inner 64, d_state 16, shared B/C, D, z and
 delta_bias, softplus). Prints, per case, the median fwd+bwd (CUDA events) and the kernels' time per step from
@@ -30,16 +29,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse(case: str):
-    parts = case.split(":")
-    dtype, layout, block_d, warps = parts[0], parts[1], int(parts[2]), int(parts[3])
-    rest = parts[4:]
-    light = None
-    if rest and rest[0] != "-":
-        light, rest = f"{rest[0]}:{rest[1]}", rest[2:]
-    else:
-        rest = rest[1:]
-    chunk = int(rest[0]) if rest else None
-    return dtype, layout, block_d, warps, light, chunk
+    dtype, layout, block_d, warps, *chunk = case.split(":")
+    return dtype, layout, int(block_d), int(warps), int(chunk[0]) if chunk else None
 
 
 def kernel_times(prof, steps: int):
@@ -54,11 +45,7 @@ def kernel_times(prof, steps: int):
 
 
 def run_case(case: str, length: int, steps: int):
-    dtype, layout, block_d, warps, light, chunk = parse(case)
-    if light:
-        os.environ["NNUNETV2_MAMBA_TRITON_LIGHT"] = light
-    else:
-        os.environ.pop("NNUNETV2_MAMBA_TRITON_LIGHT", None)
+    dtype, layout, block_d, warps, chunk = parse(case)
     inputs = make(2, 64, length, 16, "shared", DTYPES[dtype], layout)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     scan = lambda: selective_scan_triton(*leaves, delta_softplus=True, chunk=chunk, block_d=block_d, warps=warps)
@@ -87,7 +74,7 @@ def run_case(case: str, length: int, steps: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["bf16:bld:4:1:-", "bf16:bdl:4:1:-"])
+    parser.add_argument("--cases", nargs="+", default=["bf16:bld:4:1", "bf16:bdl:4:1"])
     parser.add_argument("--length", type=int, default=128 ** 3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--transpose", action="store_true",

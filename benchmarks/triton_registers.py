@@ -1,13 +1,11 @@
 """Compile the Triton scan and causal-conv kernels for sm_90 without a GPU and report registers, spills and, with
 ``--sass``, the instruction mix of the machine code (cuobjdump -sass).
 
-    python benchmarks/triton_registers.py [--light 16:4] [--sass]
+    python benchmarks/triton_registers.py [--sass]
 
 Triton compiles for a GPU target it is given (no device needed); ptxas and cuobjdump ship with Triton. Used to
 check a rewrite of the kernels before spending device time (TRITON_NOTES.md): the scan kernels are bound by the
-instructions they issue, and warp shuffles (SHFL, a quarter of the FMA rate) and MUFU (exp2, an eighth) cost most.
-``--light channels:warps`` compiles the end-state, output and adjoint kernels with that tiling
-($NNUNETV2_MAMBA_TRITON_LIGHT)."""
+instructions they issue, and warp shuffles (SHFL, a quarter of the FMA rate) and MUFU (exp2, an eighth) cost most."""
 import collections
 import os
 import re
@@ -23,10 +21,6 @@ from nnunetv2_mamba.ssm.backends import triton_conv as tc
 from nnunetv2_mamba.ssm.backends import triton_scan as ts
 
 common = dict(N=16, N_PAD=16, T=16, BLOCK_D=4)
-light_block, light_warps = 4, 1
-if "--light" in sys.argv:
-    light_block, light_warps = (int(v) for v in sys.argv[sys.argv.index("--light") + 1].split(":"))
-light = dict(common, BLOCK_D=light_block)
 SASS_CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "LDG", "STG", "LDS", "STS", "BAR")
 
 
@@ -49,16 +43,16 @@ def instruction_mix(cubin: bytes, tools: str) -> collections.Counter:
 
 
 kernels = {
- "end_state": (ts._chunk_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, **light)),
- "output": (ts._chunk_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **light)),
- "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **light)),
+ "end_state": (ts._chunk_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, **common)),
+ "output": (ts._chunk_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **common)),
+ "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
  "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, BC_ATOMIC=False, **common)),
 }
 kernels["conv_fwd"] = (tc._causal_conv_forward_kernel, dict(WIDTH=4, HAS_BIAS=True, BLOCK_L=tc.BLOCK_L,
                                                             BLOCK_D=tc.BLOCK_D))
 kernels["conv_bwd"] = (tc._causal_conv_backward_kernel, dict(WIDTH=4, WIDTH_PAD=4, HAS_BIAS=True, BLOCK_D=tc.BLOCK_D,
                                                              BLOCK_L=tc.BACKWARD_BLOCK_L, TILES=tc.BACKWARD_TILES))
-warps = {"conv_fwd": 4, "conv_bwd": 4, "end_state": light_warps, "output": light_warps, "adjoint": light_warps}
+warps = {"conv_fwd": 4, "conv_bwd": 4}  # triton_conv launches with Triton's default; the scan kernels with 1
 tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 print(f"triton {triton.__version__}, sm_90")
 for name, (fn, consts) in kernels.items():

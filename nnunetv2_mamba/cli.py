@@ -78,7 +78,8 @@ def _check_versions(report: Report) -> None:
 def _check_devices_and_backends(report: Report) -> None:
     import torch
 
-    from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, describe_backends, select_backend
+    from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, describe_backends, select_backend_for
+    from nnunetv2_mamba.ssm.backends.triton_backend import preferred_min_length
 
     report.section("Devices")
     if torch.cuda.is_available():
@@ -95,26 +96,22 @@ def _check_devices_and_backends(report: Report) -> None:
             report.note(f"{row['name']}: unavailable - {row['reason']}")
     forced = os.environ.get(BACKEND_ENV_VAR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    probe_u = torch.zeros(1, 1, 1, device=device)
-    probe_a = torch.zeros(1, 16, device=device)
     source = f" (forced by ${BACKEND_ENV_VAR}={forced})" if forced else ""
     chosen_names = []
     try:
-        chosen_names.append(select_backend(probe_u, probe_a).name)
+        chosen_names.append(select_backend_for(1, 16, device).name)
         report.ok(f"chosen for fp32 tensors on {device}: {chosen_names[-1]}{source}")
     except BackendError as error:
         report.problem(str(error), f"unset {BACKEND_ENV_VAR} or install the requested backend")
     try:  # the SegMamba family scans with d_state 128, beyond the triton kernels' limit: say what it gets
-        chosen_names.append(select_backend(probe_u, torch.zeros(1, 128, device=device)).name)
+        chosen_names.append(select_backend_for(1, 128, device).name)
         report.ok(f"chosen for d_state 128 (the SegMamba family) on {device}: {chosen_names[-1]}{source}")
     except BackendError as error:
         report.note(f"the SegMamba family (d_state 128) cannot run here: {error}")
     try:  # the automatic choice also looks at the length: a 3D stage at 128^3 scans 2^21 tokens
-        from nnunetv2_mamba.ssm.backends.triton_backend import preferred_min_length
         long_length = max(preferred_min_length(), 1)
-        long_u = torch.zeros(1, 1, 1, device=device).expand(1, 1, long_length)  # a view: nothing allocated
         report.ok(f"chosen for sequences of {long_length} tokens or more on {device}: "
-                  f"{select_backend(long_u, probe_a).name}{source}")
+                  f"{select_backend_for(long_length, 16, device).name}{source}")
     except (BackendError, ValueError) as error:
         report.problem(str(error), f"unset {BACKEND_ENV_VAR} and NNUNETV2_MAMBA_TRITON_MIN_LENGTH")
     if device == "cuda" and not forced and "torch" in chosen_names:

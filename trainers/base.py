@@ -23,7 +23,7 @@ from nnunetv2_mamba.reliability import (CHECKPOINT_KEY, CHECKPOINT_NAMES, Checkp
                                         check_checkpoint_version, check_requested_backend, checkpoint_metadata,
                                         guard_out_of_memory, load_checkpoint_file, missing_continue_message,
                                         out_of_memory_message)
-from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, select_backend
+from nnunetv2_mamba.ssm import BACKEND_ENV_VAR, BackendError, select_backend_for
 from nnunetv2_mamba.ssm.backends.triton_backend import preferred_min_length
 from nnunetv2_mamba.ssm.scan import requested_backend_name
 
@@ -291,11 +291,9 @@ def describe_scan_backends(network: nn.Module, device: torch.device, dtype: torc
         for name, parameter in module.named_parameters(recurse=False):
             if not (name.startswith("A") and "_log" in name) or parameter.dim() != 2:
                 continue
-            channels, state = parameter.shape
-            probe = torch.zeros(1, channels, 1, device=device, dtype=dtype)
             try:
-                chosen[select_backend(probe, torch.zeros(channels, state, device=device),
-                                      getattr(module, "backend", None)).name] += 1
+                chosen[select_backend_for(1, parameter.shape[1], device, dtype,
+                                          getattr(module, "backend", None)).name] += 1
             except BackendError as error:
                 problems.append(str(error))
     if not chosen and not problems:
@@ -303,14 +301,14 @@ def describe_scan_backends(network: nn.Module, device: torch.device, dtype: torc
     forced = requested_backend_name()
     how = f"forced by ${BACKEND_ENV_VAR}={forced}" if forced != "auto" else "automatic choice"
     used = ", ".join(f"{name} ({count} selective scan{'s' * (count != 1)})" for name, count in chosen.most_common())
-    if forced == "auto" and used:
-        long_probe = torch.zeros(1, 1, 1, device=device, dtype=dtype).expand(1, 1, max(preferred_min_length(), 1))
+    if forced == "auto" and used:  # e.g. triton ahead of mamba_ssm on a 128^3 stage's 2^21 tokens
+        long_length = preferred_min_length()
         try:
-            long_backend = select_backend(long_probe, torch.zeros(1, 16, device=device))
+            long_backend = select_backend_for(long_length, 16, device, dtype).name
         except BackendError:
             long_backend = None
-        if long_backend is not None and long_backend.name not in chosen:  # e.g. triton ahead of mamba_ssm on a 128^3 stage's 2^21 tokens
-            how += f"; scans of {preferred_min_length()} tokens or more with d_state <= 64: {long_backend.name}"
+        if long_backend is not None and long_backend not in chosen:
+            how += f"; scans of {long_length} tokens or more with d_state <= 64: {long_backend}"
     text = f"{used} on {device} ({how})" if used else ""
     if problems:
         text += ("; " if text else "") + f"{len(problems)} selective scan(s) cannot run: {problems[0]}"

@@ -87,6 +87,14 @@ def select_backend(u: torch.Tensor, A: torch.Tensor, backend: Optional[str] = No
                        f"(device {u.device}, dtype {u.dtype}, d_state {A.shape[1]}).")
 
 
+def select_backend_for(length: int, d_state: int, device, dtype: torch.dtype = torch.float32,
+                       backend: Optional[str] = None) -> ScanBackend:
+    """Return the backend a scan of ``length`` tokens with ``d_state`` states would get on ``device`` (what doctor
+    and the trainers report); the probe is a view, nothing of that length is allocated."""
+    probe = torch.zeros(1, 1, 1, device=device, dtype=dtype).expand(1, 1, max(length, 1))
+    return select_backend(probe, torch.zeros(1, d_state, device=device), backend)
+
+
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     """Raise ValueError naming the offending argument if the shapes do not fit together."""
     if u.dim() != 3:

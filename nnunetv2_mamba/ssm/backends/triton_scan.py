@@ -56,7 +56,6 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 4
 DEFAULT_WARPS = 1
-DEFAULT_LIGHT = None  # the light kernels' (channels per tile, warps); None: the gradient kernel's
 # The carry over chunks: tiles of CARRY_CHUNKS chunks x all states x CARRY_LANE_D channels on one warp. Long
 # sequences use two levels: superblocks of chunks scanned in parallel from zero, their entering states carried
 # over the (about CARRY_SUPERBLOCKS) superblocks, then added back, so no program walks all K chunks.
@@ -95,10 +94,15 @@ def _softplus(x):
 
 
 @triton.jit
+def _token_offsets(s_b, s_d, s_l, b, d, t):
+    """Offsets of the (T, BLOCK_D) tile of a (batch, channels, length) tensor read through its strides."""
+    return b * s_b + t[:, None] * s_l + d[None, :].to(tl.int64) * s_d  # int64: D * L may exceed 2**31
+
+
+@triton.jit
 def _load_tokens(ptr, s_b, s_d, s_l, b, d, t, mask):
     """Load a (T, BLOCK_D) tile of a (batch, channels, length) tensor read through its strides, as fp32."""
-    offs = b * s_b + t[:, None] * s_l + d[None, :].to(tl.int64) * s_d  # int64: D * L may exceed 2**31
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + _token_offsets(s_b, s_d, s_l, b, d, t), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -109,8 +113,8 @@ def _load_delta(dt_ptr, s_b, s_d, s_l, bias_ptr, b, d, t, d_mask, mask,
     # layout pass from moving the conversion to the (T, N, BLOCK_D) tiles' layout up to the bf16/fp16 load and
     # recomputing bias + softplus there on each thread's 16 replicated copies (sm_90, Triton 3.6: end-state kernel
     # 1224 -> 632 instructions in bf16, gradient kernel 3576 -> 2528; fp32 inputs were not affected).
-    offs = b * s_b + t[:, None] * s_l + d[None, :].to(tl.int64) * s_d
-    raw = tl.sum(tl.load(dt_ptr + offs[:, :, None], mask=mask[:, :, None], other=0.0).to(tl.float32), axis=2)
+    offs = _token_offsets(s_b, s_d, s_l, b, d, t)[:, :, None]
+    raw = tl.sum(tl.load(dt_ptr + offs, mask=mask[:, :, None], other=0.0).to(tl.float32), axis=2)
     if HAS_BIAS:
         raw += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     dt = raw
@@ -341,7 +345,7 @@ def _chunk_output_kernel(
         if HAS_Z:
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             y *= zv / (1.0 + tl.exp(-zv))
-        tl.store(out_ptr + b * so_b + t[:, None] * so_l + d[None, :].to(tl.int64) * so_d,
+        tl.store(out_ptr + _token_offsets(so_b, so_d, so_l, b, d, t),
                  y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -422,7 +426,7 @@ def _chunk_grad_kernel(
             zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
             sig = 1.0 / (1.0 + tl.exp(-zv))
             dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
-            tl.store(dz_ptr + b * sdz_b + t[:, None] * sdz_l + d[None, :].to(tl.int64) * sdz_d,
+            tl.store(dz_ptr + _token_offsets(sdz_b, sdz_d, sdz_l, b, d, t),
                      dz.to(dz_ptr.dtype.element_ty), mask=mask)
             dy = dout * zv * sig
         else:
@@ -447,7 +451,7 @@ def _chunk_grad_kernel(
         if SOFTPLUS:
             ddt = ddt / (1.0 + tl.exp(-raw))
         ddt = tl.where(mask, ddt, 0.0)
-        grad_offs = b * sdu_b + t[:, None] * sdu_l + d[None, :].to(tl.int64) * sdu_d
+        grad_offs = _token_offsets(sdu_b, sdu_d, sdu_l, b, d, t)
         tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddt_ptr + grad_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
 
@@ -496,10 +500,13 @@ def _largest_power_of_two_dividing(value: int, cap: int) -> int:
     return block
 
 
-class _Tiles:
-    """Channel tiling of one kernel launch: channels per tile, tiles per program, grid, warps."""
+class _Plan:
+    """Launch geometry shared by the forward and backward passes of one call."""
 
-    def __init__(self, batch, channels, n_chunks, groups, block_d, warps):
+    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps):
+        self.chunk = chunk
+        self.n_chunks = triton.cdiv(length, chunk)
+        self.d_state_padded = triton.next_power_of_2(d_state)
         # Channel blocks must not straddle a B/C group (one B/C tile per block).
         per_group = channels // groups
         self.block_d = block_d if groups == 1 else _largest_power_of_two_dividing(per_group, block_d)
@@ -509,34 +516,17 @@ class _Tiles:
         # One program per (chunk, batch, group) shares a B/C tile over all the group's channels and writes
         # dB/dC once; short sequences split the group over several programs to keep the GPU busy.
         splits = 1
-        while (batch * n_chunks * groups * splits < MIN_PROGRAMS and splits < blocks_per_group
+        while (batch * self.n_chunks * groups * splits < MIN_PROGRAMS and splits < blocks_per_group
                and blocks_per_group % (splits * 2) == 0):
             splits *= 2
         self.blocks_per_program = triton.cdiv(blocks_per_group, splits)
-        self.grid = (n_chunks, batch, groups * splits if groups > 1 else triton.cdiv(blocks, self.blocks_per_program))
+        self.grid = (self.n_chunks, batch, groups * splits if groups > 1 else triton.cdiv(blocks, self.blocks_per_program))
         self.atomic = splits > 1
         self.warps = warps
 
-    def launch(self):
-        """Keyword arguments every chunk kernel takes from its tiling."""
-        return dict(BLOCK_D=self.block_d, num_warps=self.warps)
-
-
-class _Plan:
-    """Launch geometry shared by the forward and backward passes of one call.
-
-    The gradient kernel holds about ten (T, N, BLOCK_D) tiles and sums dB/dC over its channels, so it runs with
-    one warp and small channel blocks (``grad``); the end-state, output and adjoint kernels hold a few tiles and
-    reduce only over the states and the tokens, so they may take wider channel blocks with more warps
-    (``light``): the same two (channel, state) lanes per thread, longer contiguous runs of a token row.
-    """
-
-    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps, light=None):
-        self.chunk = chunk
-        self.n_chunks = triton.cdiv(length, chunk)
-        self.d_state_padded = triton.next_power_of_2(d_state)
-        self.grad = _Tiles(batch, channels, self.n_chunks, groups, block_d, warps)
-        self.light = self.grad if light is None else _Tiles(batch, channels, self.n_chunks, groups, *light)
+    def launch(self, d_state):
+        """Keyword arguments every chunk kernel takes from the plan."""
+        return dict(N=d_state, N_PAD=self.d_state_padded, T=self.chunk, BLOCK_D=self.block_d, num_warps=self.warps)
 
 
 def _save_states() -> bool:
@@ -549,17 +539,7 @@ def _config(chunk, block_d, warps):
     chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
-    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS, _light_tiles()
-
-
-def _light_tiles():
-    """(channels per tile, warps) of the end-state, output and adjoint kernels, or None for the gradient kernel's.
-
-    $NNUNETV2_MAMBA_TRITON_LIGHT="channels:warps" sets them (benchmarks/triton_kernels.py compares them)."""
-    forced = os.environ.get("NNUNETV2_MAMBA_TRITON_LIGHT")
-    if forced:
-        return tuple(int(v) for v in forced.split(":"))
-    return DEFAULT_LIGHT
+    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS
 
 
 def _state_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -596,12 +576,10 @@ def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> t
     b_var, _, sB = _bc_layout(B)
     dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
     ends = torch.empty(batch, K, d_state, channels, device=u.device, dtype=torch.float32)
-    tiles = plan.light
-    _chunk_end_state_kernel[tiles.grid](
+    _chunk_end_state_kernel[plan.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), A2 if delta_bias is None else delta_bias, A2,
-        B, *sB, ends, dtsum, channels, length, K, tiles.channels_per_group, tiles.blocks_per_program,
-        B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N=d_state, N_PAD=plan.d_state_padded,
-        T=plan.chunk, **tiles.launch())
+        B, *sB, ends, dtsum, channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+        B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, **plan.launch(d_state))
     starts = torch.empty(batch, K + 1, d_state, channels, device=u.device, dtype=torch.float32)
     _carry(ends, dtsum, A2, starts, forward=True)
     return starts
@@ -614,17 +592,15 @@ def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, k
     b_var, groups, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2  # any valid pointer for absent optional tensors
-    tiles = plan.light
     starts = _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan) if K > 1 or keep_states else None
     out = _empty_in_layout_of(u)
-    _chunk_output_kernel[tiles.grid](
+    _chunk_output_kernel[plan.grid](
         u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
         B, *sB, C, *sC, dummy if D is None else D, dummy if z is None else z,
         *(_token_strides(z) if z is not None else (0, 0, 0)), dummy if starts is None else starts,
-        out, *_token_strides(out), channels, length, K, tiles.channels_per_group, tiles.blocks_per_program,
+        out, *_token_strides(out), channels, length, K, plan.channels_per_group, plan.blocks_per_program,
         B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, N=d_state,
-        N_PAD=plan.d_state_padded, T=plan.chunk, **tiles.launch())
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, **plan.launch(d_state))
     return out, starts
 
 
@@ -720,8 +696,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
     b_var, _, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2
-    common = dict(N=d_state, N_PAD=plan.d_state_padded, T=plan.chunk)
-    light, heavy = plan.light, plan.grad
+    common = plan.launch(d_state)
     bias = dummy if delta_bias is None else delta_bias
     z_strides = _token_strides(z) if z is not None else (0, 0, 0)
     dev = u.device
@@ -731,12 +706,12 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
         dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
         adj = torch.empty(batch, K, d_state, channels, device=dev, dtype=torch.float32)
-        _chunk_adjoint_kernel[light.grid](
+        _chunk_adjoint_kernel[plan.grid](
             grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
             dummy if z is None else z, *z_strides, adj, dtsum,
-            channels, length, K, light.channels_per_group, light.blocks_per_program,
+            channels, length, K, plan.channels_per_group, plan.blocks_per_program,
             C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            HAS_Z=z is not None, **common, **light.launch())
+            HAS_Z=z is not None, **common)
         carries = torch.empty(batch, K + 1, d_state, channels, device=dev, dtype=torch.float32)
         _carry(adj, dtsum, A2, carries, forward=False)
         del adj
@@ -748,7 +723,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
 
         def bc_grad_buffer(mat, variable):
             if variable:  # one slice per group even for a shared B/C next to a grouped C/B: summed below
-                alloc = torch.zeros if heavy.atomic else torch.empty
+                alloc = torch.zeros if plan.atomic else torch.empty
                 return alloc(batch, groups, d_state, length, device=dev, dtype=torch.float32)
             return torch.empty(batch * K, d_state, channels, device=dev, dtype=torch.float32)
 
@@ -756,17 +731,17 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         dD_part = torch.empty(batch * K, channels, device=dev, dtype=torch.float32) if D is not None else None
         dbias_part = (torch.empty(batch * K, channels, device=dev, dtype=torch.float32)
                       if delta_bias is not None else None)
-        _chunk_grad_kernel[heavy.grid](
+        _chunk_grad_kernel[plan.grid](
             u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
             dummy if D is None else D, dummy if z is None else z, *z_strides,
             grad_out, *_token_strides(grad_out), starts, carries,
             du, ddelta, *_token_strides(du), dummy if dz is None else dz,
             *(_token_strides(dz) if dz is not None else (0, 0, 0)), dB_buf, dC_buf, partial_dn,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
-            channels, length, K, heavy.channels_per_group, heavy.blocks_per_program, groups,
+            channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
             B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
-            BC_ATOMIC=heavy.atomic, **common, **heavy.launch())
+            BC_ATOMIC=plan.atomic, **common)
 
         dA = partial_dn.sum(0).t().contiguous()  # (D, N), like A
 
