@@ -15,10 +15,12 @@
 # kernels:  the Triton scan's kernels per tiling, layout and dtype, beside an older copy of the code; the layer.
 # networks_triton: the d_state-16 networks on mamba_ssm, triton, and the automatic choice (bf16 mixers).
 # tests:    every GPU test that is not e2e.
+# profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
+#           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|tests|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -146,6 +148,13 @@ case "$what" in
     bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm
     bench triton NNUNETV2_MAMBA_BACKEND=triton
     bench auto ;;
+  profile)
+    timeout 200 python3 benchmarks/profile_network.py --networks ${NETS:-PlainConvUNet UMambaEnc UMambaBot LoGVMamba} \
+      > "$out/profile_networks.log" 2>&1
+    grep "ms of kernels" "$out/profile_networks.log"
+    timeout $((560 - SECONDS)) python3 -m pytest tests -m "gpu and not e2e" -q -rs \
+      --deselect tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py > "$out/gpu_tests_rest.log" 2>&1
+    tail -n 5 "$out/gpu_tests_rest.log" ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

@@ -1,0 +1,110 @@
+"""Profile one network's nnU-Net training step on the GPU: CUDA time per kernel group and the top kernels.
+
+    python benchmarks/profile_network.py --networks PlainConvUNet UMambaEnc --steps 3
+
+The step is ``benchmark_networks.py``'s (the 128^3 plan, batch 2, fp16 autocast + GradScaler, deep supervision,
+SGD), so the groups add up to what that benchmark times; the scan backend follows $NNUNETV2_MAMBA_BACKEND as there.
+Kernels are grouped by name (scan, conv, GEMM, norm, copy, reduction, elementwise) to show where a Mamba network's
+step goes beyond PlainConvUNet's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_networks import benchmark_plan, collect_networks, deep_supervision_loss  # noqa: E402
+
+# First match wins: cuDNN's convolution kernels are named sm90_xmma_fprop/dgrad/wgrad..., so the conv needles come
+# before the GEMM ones that would also match them.
+GROUPS = (("scan", ("chunk_", "carry_", "selective_scan", "_scan_")),
+          ("conv", ("conv", "causal", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
+          ("GEMM", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "matmul")),
+          ("norm", ("norm", "welford")),
+          ("copy", ("copy", "cat", "transpose", "permute")), ("reduction", ("reduce", "sum")))
+
+
+def group_of(kernel_name: str) -> str:
+    lowered = kernel_name.lower()
+    for group, needles in GROUPS:
+        if any(needle in lowered for needle in needles):
+            return group
+    return "elementwise/other"
+
+
+def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int):
+    """Return ({kernel: CUDA ms per step}, peak GiB) of the network's training step."""
+    plan = benchmark_plan(patch_size)
+    torch.manual_seed(0)
+    network = collect_networks()[name](plan, True).cuda().train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler("cuda")
+    data = torch.randn(batch, plan.input_channels, *plan.patch_size, device="cuda")
+    target = torch.randint(0, plan.num_classes, (batch, *plan.patch_size), device="cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = deep_supervision_loss(network(data), target)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = collections.Counter()
+    for event in prof.key_averages():
+        if getattr(event, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
+            continue  # CPU-side operator rows would count their kernels twice
+        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if time_us and event.key and not event.key.startswith("ProfilerStep"):
+            kernels[event.key] += time_us / 1000 / steps
+    return kernels, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--networks", nargs="+", default=["PlainConvUNet", "UMambaEnc"])
+    parser.add_argument("--patch", type=int, nargs="+", default=[128, 128, 128])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_network.py needs a CUDA GPU.")
+    unknown = sorted(set(args.networks) - set(collect_networks()))
+    if unknown:
+        raise SystemExit(f"Unknown network(s) {unknown}; choose from {list(collect_networks())}.")
+    print(f"device: {torch.cuda.get_device_name()}, patch {args.patch}, batch {args.batch}, CUDA ms per training "
+          f"step ({args.steps} profiled after {args.warmup} warm-up)")
+    for name in args.networks:
+        kernels, peak = profile_network(name, args.patch, args.batch, args.steps, args.warmup)
+        groups = collections.Counter()
+        for kernel, ms in kernels.items():
+            groups[group_of(kernel)] += ms
+        print(f"\n{name}: {sum(kernels.values()):.1f} ms of kernels per step, peak {peak:.2f} GiB; by group: "
+              + ", ".join(f"{group} {ms:.1f}" for group, ms in groups.most_common()))
+        print("| kernel | group | ms / step |\n|---|---|---|")
+        for kernel, ms in kernels.most_common(args.top):
+            print(f"| {kernel[:100]} | {group_of(kernel)} | {ms:.2f} |")
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
