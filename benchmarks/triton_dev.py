@@ -160,8 +160,8 @@ def main(argv=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
     del inputs, leaves
     from nnunetv2_mamba.ssm.backends import triton_scan as ts
-    for kernel in (ts._chunk_end_state_kernel, ts._chunk_carry_kernel, ts._chunk_output_kernel,
-                   ts._chunk_adjoint_kernel, ts._chunk_grad_kernel):
+    for kernel in (ts._segment_end_state_kernel, ts._chunk_carry_kernel, ts._segment_output_kernel,
+                   ts._segment_adjoint_kernel, ts._chunk_grad_kernel):
         try:
             for cache in kernel.device_caches.values():
                 for key, compiled in cache[0].items():

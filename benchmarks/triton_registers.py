@@ -43,10 +43,11 @@ def instruction_mix(cubin: bytes, tools: str) -> collections.Counter:
 
 
 kernels = {
- "end_state": (ts._chunk_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, **common)),
- "output": (ts._chunk_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **common)),
- "adjoint": (ts._chunk_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
- "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, BC_ATOMIC=False, **common)),
+ "end_state": (ts._segment_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, WRITE_LOCAL=False, **common)),
+ "end_local": (ts._segment_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, WRITE_LOCAL=True, **common)),
+ "output": (ts._segment_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **common)),
+ "adjoint": (ts._segment_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
+ "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, BC_ATOMIC=False, **common)),
 }
 kernels["conv_fwd"] = (tc._causal_conv_forward_kernel, dict(WIDTH=4, HAS_BIAS=True, BLOCK_L=tc.BLOCK_L,
                                                             BLOCK_D=tc.BLOCK_D))

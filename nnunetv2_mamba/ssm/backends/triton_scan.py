@@ -7,29 +7,34 @@ Math (mamba_ssm ``selective_scan_fn`` semantics), per batch b, channel d and sta
     y_t     = sum_n C_t * h_t + D * u_t
     out_t   = y_t * silu(z_t)                              (if z is given)
 
-The sequence is cut into chunks of T tokens, and every chunk of every (batch, channel block) is a program of
-its own, so a 2-million-token sequence with 64 channels keeps the whole GPU busy (one block per channel that
-walks the sequence would fill only batch x channels multiprocessors). Forward, three launches:
+The sequence is cut into chunks of T tokens and the chunks into segments of S chunks (T = 16, S = 8). Every
+segment (or, in the gradient kernel, every chunk) of every (batch, channel block) is a program of its own, so a
+2-million-token sequence with 64 channels keeps the whole GPU busy (one block per channel that walks the
+sequence would fill only batch x channels multiprocessors); a segment's program walks its chunks one after the
+other with the state in registers, so only per-segment states go through memory. Forward, three launches:
 
-1. ``_chunk_end_state_kernel``: each chunk's end state from a zero start, and its summed delta (the chunk's
-   total decay is exp(A * sum delta), so only the sum is stored). The end state is a weighted sum, not a
-   scan: h_end = sum_t exp(A * sum_{s>t} delta_s) * delta_t B_t u_t.
-2. the carry (``_carry``): the states entering the chunks, H_{k+1} = exp(A sum_k delta) H_k + E_k, solved with
-   ``tl.associative_scan`` over tiles of chunks and a carry between tiles, in two levels for long sequences
-   (superblocks of chunks in parallel from zero, a carry over the superblocks, a fix-up adding it back).
-3. ``_chunk_output_kernel``: each chunk rescanned from its entering state (associative scan over the tokens of
+1. ``_segment_end_state_kernel``: each segment's end state from a zero start, and its summed delta (the
+   segment's total decay is exp(A * sum delta), so only the sum is stored).
+2. the carry (``_carry``): the states entering the segments, H_{s+1} = exp(A sum_s delta) H_s + E_s, solved with
+   ``tl.associative_scan`` over tiles of segments and a carry between tiles, in two levels for long sequences
+   (superblocks of segments in parallel from zero, a carry over the superblocks, a fix-up adding it back).
+3. ``_segment_output_kernel``: each chunk rescanned from its entering state (associative scan over the tokens of
    a (T, d_state, channels) tile), y with the D skip and the z gate fused, written in u's dtype.
 
-The backward keeps nothing but the inputs (mamba_ssm keeps its output too): the chunk-entering states
-(B, K + 1, N, D) fp32 are as large as an fp32 copy of u at T = 16 and N = 16, so the backward recomputes them with
-launches 1 and 2 ($NNUNETV2_MAMBA_TRITON_SAVE_STATES=1 keeps them instead: a faster backward for that memory).
-Backward, three launches with the same structure, run against time:
+The forward keeps nothing but the inputs (mamba_ssm keeps its output too). Backward, four launches, the middle
+two with the same structure run against time:
 
-1. ``_chunk_adjoint_kernel``: the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} of each chunk from a zero end,
-   reduced to what the chunk passes to the one before it: Q_k = sum_t exp(A * sum_{s<=t} delta_s) C_t dy_t.
-2. ``_chunk_carry_kernel`` again, walking the chunks backwards (negative chunk stride).
-3. ``_chunk_grad_kernel``: states rescanned forwards and adjoints backwards inside each chunk, then all the
-   gradients. a_t h_{t-1} = h_t - delta_t B_t u_t gives the previous state without a division.
+1. the end-state kernel again, which now also writes each chunk's entering state counted from its segment's
+   start and the delta summed before it in the segment ((batch, chunks, N, D) fp32: as large as an fp32 copy of
+   u at T = N = 16; alive during the backward only), then the carry.
+2. ``_segment_adjoint_kernel``: the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} of each segment from a zero end,
+   reduced to what the segment passes to the one before it: Q_s = sum_t exp(A * sum_{s<=t} delta_s) C_t dy_t,
+   walking its chunks from the last; per chunk the same from the segment's end, like the end-state kernel's.
+3. the carry again, walking the segments backwards (negative stride).
+4. ``_chunk_grad_kernel``, one program per chunk: entering state = its part from inside the segment +
+   exp(A * delta before it) * the segment's entering state, the adjoint carry likewise; states rescanned forwards
+   and adjoints backwards inside the chunk, then all the gradients. a_t h_{t-1} = h_t - delta_t B_t u_t gives the
+   previous state without a division.
 
 exp is computed as exp2 with A pre-multiplied by log2(e). All arithmetic is fp32 whatever the input dtype.
 Reductions over tokens (dA, dD, d delta_bias, time-invariant dB/dC) go to per-(batch, chunk) partial
@@ -56,11 +61,17 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 4
 DEFAULT_WARPS = 1
-# The carry over chunks: tiles of CARRY_CHUNKS chunks x all states x CARRY_LANE_D channels on one warp. Long
-# sequences use two levels: superblocks of chunks scanned in parallel from zero, their entering states carried
-# over the (about CARRY_SUPERBLOCKS) superblocks, then added back, so no program walks all K chunks.
+# Chunks per segment: the end-state, output and adjoint kernels walk the chunks of one segment in one program,
+# the state carried in registers, so the state buffers between the launches and the carry are per segment (1/8
+# of the chunks). Per chunk (16 tokens, 16 states) a state buffer is as large as an fp32 copy of u: at one chunk
+# per program the carry's two levels read and wrote ~6 GB of them per forward + backward at 2 x 128^3 x 64 and
+# took 9.6 of the scan's 40 ms. NNUNETV2_MAMBA_TRITON_SEGMENT forces it (tests use 2; 1 is the old design).
+CHUNKS_PER_SEGMENT = 8
+# The carry over segments: tiles of CARRY_CHUNKS segments x all states x CARRY_LANE_D channels on one warp. Long
+# sequences use two levels: superblocks of segments scanned in parallel from zero, their entering states carried
+# over the (about CARRY_SUPERBLOCKS) superblocks, then added back, so no program walks all the segments.
 # NNUNETV2_MAMBA_TRITON_CARRY="chunks,superblock" fixes both (tests use tiny ones); the superblock must be a
-# multiple of the chunks per tile.
+# multiple of the chunks per tile (the carry kernels call whatever they carry over "chunks").
 CARRY_CHUNKS = 8
 CARRY_LANE_D = 8
 CARRY_SUPERBLOCKS = 128
@@ -140,21 +151,32 @@ def _load_bc(ptr, s0, s1, s2, s3, b, group, d, n, t, d_mask, n_mask, t_mask, VAR
 
 
 @triton.jit
-def _chunk_program(L, N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr):
-    """Return (chunk k, batch b, channel split, tokens t, t_mask, state lanes n, n_mask) of this program."""
-    k = tl.program_id(0)
-    t = k.to(tl.int64) * T + tl.arange(0, T)
+def _program(N: tl.constexpr, N_PAD: tl.constexpr):
+    """Return (chunk or segment index, batch b, channel split, state lanes n, n_mask) of this program."""
     n = tl.arange(0, N_PAD)
-    return k, tl.program_id(1).to(tl.int64), tl.program_id(2), t, t < L, n, n < N
+    return tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2), n, n < N
 
 
 @triton.jit
-def _channel_block(split, block, blocks_per_program, D, t_mask, n_mask, BLOCK_D: tl.constexpr):
-    """Return (d_start, channels d, d_mask, (T, BLOCK_D) token mask, (N, BLOCK_D) state mask) of a channel block."""
+def _chunk_tokens(chunk, L, T: tl.constexpr):
+    """Return (tokens t, t_mask) of a chunk."""
+    t = chunk.to(tl.int64) * T + tl.arange(0, T)
+    return t, t < L
+
+
+@triton.jit
+def _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D: tl.constexpr):
+    """Return (d_start, channels d, d_mask, (N, BLOCK_D) state mask) of a channel block."""
     d_start = (split * blocks_per_program + block) * BLOCK_D
     d = d_start + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    return d_start, d, d_mask, t_mask[:, None] & d_mask[None, :], n_mask[:, None] & d_mask[None, :]
+    return d_start, d, d_mask, n_mask[:, None] & d_mask[None, :]
+
+
+@triton.jit
+def _last_token(x, T: tl.constexpr):
+    """Row T - 1 of a (T, N, BLOCK_D) tile (an in-thread select: the tokens of a lane lie in one thread)."""
+    return tl.sum(tl.where((tl.arange(0, T) == T - 1)[:, None, None], x, 0.0), axis=0)
 
 
 @triton.jit
@@ -173,28 +195,45 @@ def _state_offsets(row_start, d, n, D, N: tl.constexpr):
 
 
 @triton.jit
-def _chunk_end_state_kernel(
+def _segment_end_state_kernel(
         u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
         B_ptr, sB0, sB1, sB2, sB3,
-        end_ptr, dtsum_ptr,
-        D, L, K, channels_per_group, blocks_per_program,
+        end_ptr, dtsum_ptr, local_ptr, prefix_ptr,
+        D, L, n_segments, chunks_per_segment, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
-        B_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
+        B_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, WRITE_LOCAL: tl.constexpr):
+    """Each segment's end state from a zero start and its summed delta, (batch, segments, N, D) / (.., D).
+
+    WRITE_LOCAL (the backward): also each chunk's entering state counted from its segment's start, and the delta
+    summed over the segment before it, (batch, padded chunks, N, D) / (.., D): the gradient kernel's chunk states.
+    """
+    seg, b, split, n, n_mask = _program(N, N_PAD)
+    padded_chunks = n_segments * chunks_per_segment
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
-                                                           BLOCK_D)
-        u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
-        dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
         A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
-        Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
-                      t_mask, B_VARIABLE)
-        decay, state = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), (dt * u)[:, None, :] * Bt),
-                                           0, _first_order_combine)
-        end = tl.sum(tl.where((tl.arange(0, T) == T - 1)[:, None, None], state, 0.0), axis=0)  # (N_PAD, BLOCK_D)
-        row = (b * K + k) * D
-        tl.store(end_ptr + _state_offsets(row, d, n, D, N), end, mask=nd_mask)
-        tl.store(dtsum_ptr + row + d, tl.sum(dt, axis=0), mask=d_mask)
+        state = tl.zeros([N_PAD, BLOCK_D], dtype=tl.float32)
+        dt_run = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(chunks_per_segment):
+            chunk = seg * chunks_per_segment + i
+            if WRITE_LOCAL:
+                row = (b * padded_chunks + chunk) * D
+                tl.store(local_ptr + _state_offsets(row, d, n, D, N), state, mask=nd_mask)
+                tl.store(prefix_ptr + row + d, dt_run, mask=d_mask)
+            t, t_mask = _chunk_tokens(chunk, L, T)
+            mask = t_mask[:, None] & d_mask[None, :]
+            u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
+            dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+            Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
+                          t_mask, B_VARIABLE)
+            decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]),
+                                                (dt * u)[:, None, :] * Bt), 0, _first_order_combine)
+            # masked tokens: decay 1, drive 0, the state passes unchanged
+            state = _last_token(decay_run, T) * state + _last_token(h, T)
+            dt_run += tl.sum(dt, axis=0)
+        row = (b * n_segments + seg) * D
+        tl.store(end_ptr + _state_offsets(row, d, n, D, N), state, mask=nd_mask)
+        tl.store(dtsum_ptr + row + d, dt_run, mask=d_mask)
 
 
 @triton.jit
@@ -314,67 +353,86 @@ def _carry_fix_kernel(dtsum_ptr, A2_ptr, out_ptr, super_start_ptr, K, D, first_i
 
 
 @triton.jit
-def _chunk_output_kernel(
+def _segment_output_kernel(
         u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
         B_ptr, sB0, sB1, sB2, sB3, C_ptr, sC0, sC1, sC2, sC3,
         D_ptr, z_ptr, sz_b, sz_d, sz_l, start_ptr,
         out_ptr, so_b, so_d, so_l,
-        D, L, K, channels_per_group, blocks_per_program,
+        D, L, n_segments, chunks_per_segment, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr):
-    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
+    """The output of a segment's chunks, one after the other from the segment's entering state."""
+    seg, b, split, n, n_mask = _program(N, N_PAD)
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
-                                                           BLOCK_D)
+        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
         group = d_start // channels_per_group
-        u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
-        dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
         A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
-        Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
-        Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
-        decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), (dt * u)[:, None, :] * Bt),
-                                           0, _first_order_combine)
-        if HAS_START:
-            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, D, N), mask=nd_mask,
-                         other=0.0)
-            h += decay_run * h0[None, :, :]
-        y = tl.sum(h * Ct, axis=1)  # (T, BLOCK_D)
         if HAS_D:
-            y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] * u
-        if HAS_Z:
-            zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
-            y *= zv / (1.0 + tl.exp(-zv))
-        tl.store(out_ptr + _token_offsets(so_b, so_d, so_l, b, d, t),
-                 y.to(out_ptr.dtype.element_ty), mask=mask)
+            D_val = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        h0 = tl.zeros([N_PAD, BLOCK_D], dtype=tl.float32)
+        if HAS_START:
+            h0 = tl.load(start_ptr + _state_offsets((b * (n_segments + 1) + seg) * D, d, n, D, N), mask=nd_mask,
+                         other=0.0)
+        for i in range(chunks_per_segment):
+            t, t_mask = _chunk_tokens(seg * chunks_per_segment + i, L, T)
+            mask = t_mask[:, None] & d_mask[None, :]
+            u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
+            dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+            Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
+            Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
+            decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]),
+                                                (dt * u)[:, None, :] * Bt), 0, _first_order_combine)
+            h += decay_run * h0[None, :, :]
+            h0 = _last_token(h, T)
+            y = tl.sum(h * Ct, axis=1)  # (T, BLOCK_D)
+            if HAS_D:
+                y += D_val[None, :] * u
+            if HAS_Z:
+                zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
+                y *= zv / (1.0 + tl.exp(-zv))
+            tl.store(out_ptr + _token_offsets(so_b, so_d, so_l, b, d, t),
+                     y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _chunk_adjoint_kernel(
+def _segment_adjoint_kernel(
         dout_ptr, sg_b, sg_d, sg_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
         C_ptr, sC0, sC1, sC2, sC3, z_ptr, sz_b, sz_d, sz_l,
-        adj_ptr, dtsum_ptr,
-        D, L, K, channels_per_group, blocks_per_program,
+        adj_ptr, local_ptr, suffix_ptr,
+        D, L, n_segments, chunks_per_segment, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
-    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
+    """What each segment passes to the one before it, Q = sum_t exp(A * sum_{s<=t} delta_s) C_t dy_t over the
+    segment, walking its chunks from the last; and per chunk the same sum over the segment's later chunks (the
+    adjoint entering the chunk from the right, counted from the segment's end) and the delta summed over them."""
+    seg, b, split, n, n_mask = _program(N, N_PAD)
+    padded_chunks = n_segments * chunks_per_segment
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
-                                                           BLOCK_D)
-        dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
-        if HAS_Z:
-            zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
-            dy *= zv / (1.0 + tl.exp(-zv))
-        dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
         A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
-        Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
-                      t_mask, C_VARIABLE)
-        # Q = sum_t (a_{s_k} ... a_t) C_t dy_t: a forward scan whose running decay is that product.
-        decay = tl.exp2(A2[None, :, :] * dt[:, None, :])
-        decay_run, _ = tl.associative_scan((decay, tl.zeros_like(decay)), 0, _first_order_combine)
-        adj = tl.sum(decay_run * Ct * dy[:, None, :], axis=0)
-        tl.store(adj_ptr + _state_offsets((b * K + k) * D, d, n, D, N), adj, mask=nd_mask)
-        tl.store(dtsum_ptr + (b * K + k) * D + d, tl.sum(dt, axis=0), mask=d_mask)
+        carry = tl.zeros([N_PAD, BLOCK_D], dtype=tl.float32)
+        dt_run = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(chunks_per_segment):
+            chunk = seg * chunks_per_segment + chunks_per_segment - 1 - i
+            row = (b * padded_chunks + chunk) * D
+            tl.store(local_ptr + _state_offsets(row, d, n, D, N), carry, mask=nd_mask)
+            tl.store(suffix_ptr + row + d, dt_run, mask=d_mask)
+            t, t_mask = _chunk_tokens(chunk, L, T)
+            mask = t_mask[:, None] & d_mask[None, :]
+            dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
+            if HAS_Z:
+                zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
+                dy *= zv / (1.0 + tl.exp(-zv))
+            dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
+            Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
+                          t_mask, C_VARIABLE)
+            # the chunk's own part: a forward scan whose running decay is the product from the chunk's start
+            decay = tl.exp2(A2[None, :, :] * dt[:, None, :])
+            decay_run, _ = tl.associative_scan((decay, tl.zeros_like(decay)), 0, _first_order_combine)
+            carry = tl.sum(decay_run * Ct * dy[:, None, :], axis=0) + _last_token(decay_run, T) * carry
+            dt_run += tl.sum(dt, axis=0)
+        tl.store(adj_ptr + _state_offsets((b * n_segments + seg) * D, d, n, D, N), carry, mask=nd_mask)
 
 
 @triton.jit
@@ -382,15 +440,19 @@ def _chunk_grad_kernel(
         u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
         B_ptr, sB0, sB1, sB2, sB3, C_ptr, sC0, sC1, sC2, sC3,
         D_ptr, z_ptr, sz_b, sz_d, sz_l, dout_ptr, sg_b, sg_d, sg_l,
-        start_ptr, carry_ptr,
+        start_ptr, local_ptr, prefix_ptr, carry_ptr, adj_local_ptr, suffix_ptr,  # see scan_backward
         du_ptr, ddt_ptr, sdu_b, sdu_d, sdu_l, dz_ptr, sdz_b, sdz_d, sdz_l,  # du and ddt share one layout
         dB_ptr, dC_ptr,  # variable: fp32 (batch, G, N, L) contiguous; time-invariant: partial (batch * K, D, N)
         dA_ptr, dD_ptr, dbias_ptr,  # partial sums: (batch * K, D, N), (batch * K, D), (batch * K, D)
-        D, L, K, channels_per_group, blocks_per_program, groups,
+        D, L, K, n_segments, chunks_per_segment, channels_per_group, blocks_per_program, groups,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr, BC_ATOMIC: tl.constexpr):
-    k, b, split, t, t_mask, n, n_mask = _chunk_program(L, N, N_PAD, T)
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, BC_ATOMIC: tl.constexpr):
+    k, b, split, n, n_mask = _program(N, N_PAD)
+    t, t_mask = _chunk_tokens(k, L, T)
+    seg = k // chunks_per_segment
+    local_row = (b * n_segments * chunks_per_segment + k) * D
+    segment_row = (b * (n_segments + 1) + seg) * D
     t_next = t + 1
     next_mask_t = (t_next < L) & (tl.arange(0, T) < T - 1)  # a_{t+1} inside this chunk; 1 at its end
     tn_mask = t_mask[:, None] & n_mask[None, :]
@@ -398,8 +460,8 @@ def _chunk_grad_kernel(
     dC_acc = tl.zeros([T, N_PAD], dtype=tl.float32)
     group = (split * blocks_per_program * BLOCK_D) // channels_per_group
     for block in range(blocks_per_program):
-        d_start, d, d_mask, mask, nd_mask = _channel_block(split, block, blocks_per_program, D, t_mask, n_mask,
-                                                           BLOCK_D)
+        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
+        mask = t_mask[:, None] & d_mask[None, :]
         u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
         dt, raw = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
         A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
@@ -407,15 +469,17 @@ def _chunk_grad_kernel(
         Ct = _load_bc(C_ptr, sC0, sC1, sC2, sC3, b, group, d, n, t, d_mask, n_mask, t_mask, C_VARIABLE)
         dout = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
 
-        # States, recomputed from the chunk's entering state.
+        # States, recomputed from the chunk's entering state: its part from inside the segment plus the segment's
+        # entering state decayed over the segment's earlier chunks.
         dtu = dt * u
         drive = dtu[:, None, :] * Bt
         decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), drive), 0,
                                            _first_order_combine)
-        if HAS_START:
-            h0 = tl.load(start_ptr + _state_offsets((b * (K + 1) + k) * D, d, n, D, N), mask=nd_mask,
-                         other=0.0)
-            h += decay_run * h0[None, :, :]
+        prefix = tl.load(prefix_ptr + local_row + d, mask=d_mask, other=0.0)
+        h0 = (tl.load(local_ptr + _state_offsets(local_row, d, n, D, N), mask=nd_mask, other=0.0)
+              + tl.exp2(A2 * prefix[None, :])
+              * tl.load(start_ptr + _state_offsets(segment_row, d, n, D, N), mask=nd_mask, other=0.0))
+        h += decay_run * h0[None, :, :]
         decayed_prev = h - drive  # a_t * h_{t-1}
 
         y = tl.sum(h * Ct, axis=1)
@@ -432,13 +496,16 @@ def _chunk_grad_kernel(
         else:
             dy = dout
 
-        # Adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, scanned backwards from the carry of the later chunks.
+        # Adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, scanned backwards from the carry of the later chunks: the
+        # segment's later chunks plus the later segments' carry decayed over them.
         next_mask = next_mask_t[:, None] & d_mask[None, :]
         dt_next, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t_next, d_mask, next_mask,
                                  HAS_BIAS, SOFTPLUS)
         decay_after, g = _reverse_scan(tl.exp2(A2[None, :, :] * dt_next[:, None, :]), Ct * dy[:, None, :])
-        carry = tl.load(carry_ptr + _state_offsets((b * (K + 1) + k + 1) * D, d, n, D, N), mask=nd_mask,
-                        other=0.0)
+        suffix = tl.load(suffix_ptr + local_row + d, mask=d_mask, other=0.0)
+        carry = (tl.load(adj_local_ptr + _state_offsets(local_row, d, n, D, N), mask=nd_mask, other=0.0)
+                 + tl.exp2(A2 * suffix[None, :])
+                 * tl.load(carry_ptr + _state_offsets(segment_row + D, d, n, D, N), mask=nd_mask, other=0.0))
         g += decay_after * carry[None, :, :]
 
         A_nat = A2 * LN2
@@ -503,9 +570,12 @@ def _largest_power_of_two_dividing(value: int, cap: int) -> int:
 class _Plan:
     """Launch geometry shared by the forward and backward passes of one call."""
 
-    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps):
+    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps, chunks_per_segment):
         self.chunk = chunk
         self.n_chunks = triton.cdiv(length, chunk)
+        self.chunks_per_segment = max(1, min(chunks_per_segment, self.n_chunks))
+        self.n_segments = triton.cdiv(self.n_chunks, self.chunks_per_segment)
+        self.padded_chunks = self.n_segments * self.chunks_per_segment
         self.d_state_padded = triton.next_power_of_2(d_state)
         # Channel blocks must not straddle a B/C group (one B/C tile per block).
         per_group = channels // groups
@@ -521,6 +591,7 @@ class _Plan:
             splits *= 2
         self.blocks_per_program = triton.cdiv(blocks_per_group, splits)
         self.grid = (self.n_chunks, batch, groups * splits if groups > 1 else triton.cdiv(blocks, self.blocks_per_program))
+        self.segment_grid = (self.n_segments,) + self.grid[1:]  # the end-state, output and adjoint kernels
         self.atomic = splits > 1
         self.warps = warps
 
@@ -529,17 +600,15 @@ class _Plan:
         return dict(N=d_state, N_PAD=self.d_state_padded, T=self.chunk, BLOCK_D=self.block_d, num_warps=self.warps)
 
 
-def _save_states() -> bool:
-    """Return whether the forward keeps the chunk-start states for the backward ($NNUNETV2_MAMBA_TRITON_SAVE_STATES)."""
-    return os.environ.get("NNUNETV2_MAMBA_TRITON_SAVE_STATES", "0") not in ("", "0")
-
-
 def _config(chunk, block_d, warps):
     forced = os.environ.get("NNUNETV2_MAMBA_TRITON_CHUNK")
     chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
-    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS
+    segment = int(os.environ.get("NNUNETV2_MAMBA_TRITON_SEGMENT") or CHUNKS_PER_SEGMENT)
+    if segment < 1:
+        raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_SEGMENT must be >= 1 chunks; got {segment}.")
+    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS, segment
 
 
 def _state_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -564,41 +633,46 @@ def _empty_in_layout_of(x: torch.Tensor, dtype: Optional[torch.dtype] = None) ->
     return torch.empty(x.shape, device=x.device, dtype=dtype or x.dtype)
 
 
-def _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan) -> torch.Tensor:
-    """Return the states entering every chunk, (batch, K + 1, N, D) fp32; the last slot is the final state.
+def _segment_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan, local=None, prefix=None):
+    """Return (the states entering every segment, (batch, segments + 1, N, D) fp32 with the final state last; the
+    segments' summed delta, (batch, segments, D)).
 
-    Two phases of the forward (chunk end states from zero, then the carry over the chunks). The backward calls it
-    again instead of keeping the result (see SelectiveScanTriton).
+    Two phases (segment end states from zero, then the carry over the segments). With ``local`` / ``prefix``
+    ((batch, padded chunks, N, D) / (.., D)) the first also writes each chunk's entering state counted from its
+    segment's start and the delta summed before it in the segment (what the gradient kernel needs).
     """
     batch, channels, length = u.shape
     d_state = A2.shape[0]
-    K = plan.n_chunks
     b_var, _, sB = _bc_layout(B)
-    dtsum = torch.empty(batch, K, channels, device=u.device, dtype=torch.float32)
-    ends = torch.empty(batch, K, d_state, channels, device=u.device, dtype=torch.float32)
-    _chunk_end_state_kernel[plan.grid](
+    dtsum = torch.empty(batch, plan.n_segments, channels, device=u.device, dtype=torch.float32)
+    ends = torch.empty(batch, plan.n_segments, d_state, channels, device=u.device, dtype=torch.float32)
+    _segment_end_state_kernel[plan.segment_grid](
         u, *_token_strides(u), delta, *_token_strides(delta), A2 if delta_bias is None else delta_bias, A2,
-        B, *sB, ends, dtsum, channels, length, K, plan.channels_per_group, plan.blocks_per_program,
-        B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, **plan.launch(d_state))
-    starts = torch.empty(batch, K + 1, d_state, channels, device=u.device, dtype=torch.float32)
+        B, *sB, ends, dtsum, A2 if local is None else local, A2 if prefix is None else prefix,
+        channels, length, plan.n_segments, plan.chunks_per_segment, plan.channels_per_group,
+        plan.blocks_per_program, B_VARIABLE=b_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        WRITE_LOCAL=local is not None, **plan.launch(d_state))
+    starts = torch.empty(batch, plan.n_segments + 1, d_state, channels, device=u.device, dtype=torch.float32)
     _carry(ends, dtsum, A2, starts, forward=True)
-    return starts
+    return starts, dtsum
 
 
 def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, keep_states: bool):
     batch, channels, length = u.shape
     d_state = A2.shape[0]
-    K = plan.n_chunks
     b_var, groups, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2  # any valid pointer for absent optional tensors
-    starts = _chunk_start_states(u, delta, A2, B, delta_bias, softplus, plan) if K > 1 or keep_states else None
+    starts = None
+    if plan.n_segments > 1 or keep_states:
+        starts, _ = _segment_start_states(u, delta, A2, B, delta_bias, softplus, plan)
     out = _empty_in_layout_of(u)
-    _chunk_output_kernel[plan.grid](
+    _segment_output_kernel[plan.segment_grid](
         u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
         B, *sB, C, *sC, dummy if D is None else D, dummy if z is None else z,
         *(_token_strides(z) if z is not None else (0, 0, 0)), dummy if starts is None else starts,
-        out, *_token_strides(out), channels, length, K, plan.channels_per_group, plan.blocks_per_program,
+        out, *_token_strides(out), channels, length, plan.n_segments, plan.chunks_per_segment,
+        plan.channels_per_group, plan.blocks_per_program,
         B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, **plan.launch(d_state))
     return out, starts
@@ -651,21 +725,17 @@ class SelectiveScanTriton(torch.autograd.Function):
             out, starts = _scan_forward(u, delta, A2, B, C, D_skip, z, bias, delta_softplus, plan,
                                         keep_states=True)
         last_state = starts[:, -1].transpose(1, 2).contiguous()
-        # The chunk-start states are (batch, K + 1, N, D) fp32: at 16 tokens per chunk and N = 16 as large as an
-        # fp32 copy of u, twice a bf16 one, far more than mamba_ssm keeps. By default the backward recomputes them
-        # (two of the forward's three launches) instead; $NNUNETV2_MAMBA_TRITON_SAVE_STATES=1 keeps them.
-        saved_states = starts if _save_states() else None
-        del starts
-        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, bias, saved_states)
+        del starts  # the backward recomputes what it needs (it needs the chunks' states, not only the segments')
+        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, bias)
         ctx.plan, ctx.delta_softplus, ctx.groups = plan, delta_softplus, groups
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
     @staticmethod
     def backward(ctx, grad_out, _grad_state):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         grads = scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.plan, ctx.groups,
-                              grad_out, starts)
+                              grad_out)
         return grads + (None, None, None, None)
 
 
@@ -685,10 +755,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pla
     return out
 
 
-def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan, groups: int, grad_out,
-                  starts: Optional[torch.Tensor] = None):
-    """Return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of a scan; the chunk-start states are recomputed
-    unless given. D and delta_bias must have unit stride."""
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan, groups: int, grad_out):
+    """Return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of a scan. D and delta_bias must have unit stride.
+
+    The gradient kernel rebuilds each chunk's entering state from (state counted from its segment's start, delta
+    summed before it in the segment, the segment's entering state), and its adjoint carry likewise from the
+    segment's end: the per-chunk parts come straight from the segment kernels, so only per-segment states are
+    carried."""
     batch, channels, length = u.shape
     d_state = A.shape[1]
     K = plan.n_chunks
@@ -701,18 +774,19 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
     z_strides = _token_strides(z) if z is not None else (0, 0, 0)
     dev = u.device
     with torch.autocast(device_type=dev.type, enabled=False):
-        if starts is None:
-            starts = _chunk_start_states(u, delta, A2, B, delta_bias, delta_softplus, plan)
-        # The chunk sums of delta (the chunks' total decays) fall out of the adjoint pass.
-        dtsum = torch.empty(batch, K, channels, device=dev, dtype=torch.float32)
-        adj = torch.empty(batch, K, d_state, channels, device=dev, dtype=torch.float32)
-        _chunk_adjoint_kernel[plan.grid](
+        local_shape = (batch, plan.padded_chunks, d_state, channels)
+        local, prefix = (torch.empty(local_shape, device=dev, dtype=torch.float32),
+                         torch.empty(local_shape[:2] + (channels,), device=dev, dtype=torch.float32))
+        starts, dtsum = _segment_start_states(u, delta, A2, B, delta_bias, delta_softplus, plan, local, prefix)
+        adj = torch.empty(batch, plan.n_segments, d_state, channels, device=dev, dtype=torch.float32)
+        adj_local, suffix = torch.empty_like(local), torch.empty_like(prefix)
+        _segment_adjoint_kernel[plan.segment_grid](
             grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
-            dummy if z is None else z, *z_strides, adj, dtsum,
-            channels, length, K, plan.channels_per_group, plan.blocks_per_program,
-            C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            dummy if z is None else z, *z_strides, adj, adj_local, suffix,
+            channels, length, plan.n_segments, plan.chunks_per_segment, plan.channels_per_group,
+            plan.blocks_per_program, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_Z=z is not None, **common)
-        carries = torch.empty(batch, K + 1, d_state, channels, device=dev, dtype=torch.float32)
+        carries = torch.empty(batch, plan.n_segments + 1, d_state, channels, device=dev, dtype=torch.float32)
         _carry(adj, dtsum, A2, carries, forward=False)
         del adj
 
@@ -734,14 +808,14 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         _chunk_grad_kernel[plan.grid](
             u, *_token_strides(u), delta, *_token_strides(delta), bias, A2, B, *sB, C, *sC,
             dummy if D is None else D, dummy if z is None else z, *z_strides,
-            grad_out, *_token_strides(grad_out), starts, carries,
+            grad_out, *_token_strides(grad_out), starts, local, prefix, carries, adj_local, suffix,
             du, ddelta, *_token_strides(du), dummy if dz is None else dz,
             *(_token_strides(dz) if dz is not None else (0, 0, 0)), dB_buf, dC_buf, partial_dn,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
-            channels, length, K, plan.channels_per_group, plan.blocks_per_program, groups,
-            B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_START=True,
-            BC_ATOMIC=plan.atomic, **common)
+            channels, length, K, plan.n_segments, plan.chunks_per_segment, plan.channels_per_group,
+            plan.blocks_per_program, groups, B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, BC_ATOMIC=plan.atomic, **common)
+        del local, prefix, adj_local, suffix, starts, carries
 
         dA = partial_dn.sum(0).t().contiguous()  # (D, N), like A
 

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("triton")
 
 CHUNK = 4  # tiny chunks: short sequences already span several chunks and cross chunk boundaries
+SEGMENT = 2  # chunks per segment: from 3 chunks on, several segments and a carry between them
 # (length, B/C layout, batch, channels, with D/z/delta_bias, delta_softplus)
 CASES = [
     (1, "shared", 1, 4, True, True),
@@ -27,6 +28,9 @@ CASES = [
     (2 * CHUNK + 3, "grouped", 1, 4, False, False),
     (3 * CHUNK - 1, "grouped_B_shared_C", 1, 4, True, True),
     (3 * CHUNK - 1, "shared_d_state_3", 1, 4, True, True),  # d_state padded to 4 lanes inside the kernels
+    # 7 chunks = 4 segments (the last one half padding): the two-level carry over the segments
+    (7 * CHUNK - 3, "shared", 2, 4, True, True),
+    (7 * CHUNK - 3, "grouped", 1, 8, True, True),
 ]
 CASE_IDS = [f"L{c[0]}-{c[1]}-b{c[2]}-d{c[3]}-{'opt' if c[4] else 'bare'}-{'softplus' if c[5] else 'raw'}"
             for c in CASES]
@@ -85,27 +89,28 @@ def storage_addresses(tensors):
     return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
 
 
-def saved_states_case():
-    """Return what the scan saves for its backward beyond its inputs, with the chunk states recomputed (default)
-    and kept ($NNUNETV2_MAMBA_TRITON_SAVE_STATES=1), and the largest gradient difference between the two."""
+def segments_case():
+    """Return what the scan saves for its backward beyond its inputs, and the largest output and gradient
+    differences between segments of 2 chunks (the other cases), 1 chunk and 4 chunks
+    ($NNUNETV2_MAMBA_TRITON_SEGMENT): the split into segments must not change the result."""
     import torch
 
     from nnunetv2_mamba.ssm import selective_scan
     from tests.nnunetv2_mamba.ssm.test_scan import make_inputs
 
-    inputs = make_inputs(batch=2, channels=4, d_state=4, length=3 * CHUNK - 1, bc="shared", dtype=torch.float32,
+    inputs = make_inputs(batch=2, channels=4, d_state=4, length=9 * CHUNK - 1, bc="shared", dtype=torch.float32,
                          seed=3, with_d=True, with_z=True, with_bias=True)
-    result, grads = {}, {}
-    for mode, flag in (("recomputed", "0"), ("kept", "1")):
-        os.environ["NNUNETV2_MAMBA_TRITON_SAVE_STATES"] = flag
+    result, outputs = {}, {}
+    for segment in ("2", "1", "4"):
+        os.environ["NNUNETV2_MAMBA_TRITON_SEGMENT"] = segment
         leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
         with saved_storages(storage_addresses(leaves)) as extra:
             out = selective_scan(*leaves, delta_softplus=True, backend="triton")
-        grads[mode] = torch.autograd.grad(out.sum(), [t for t in leaves if t is not None])
-        result[f"extra_saved_bytes_{mode}"] = sum(extra.values())
-    batch, channels, length = inputs[0].shape
-    result["chunk_states_bytes"] = batch * (-(-length // CHUNK) + 1) * channels * inputs[2].shape[1] * 4
-    result["max_grad_difference"] = max((a - b).abs().max().item() for a, b in zip(grads["recomputed"], grads["kept"]))
+        outputs[segment] = [out] + list(torch.autograd.grad(out.sum(), [t for t in leaves if t is not None]))
+        result[f"extra_saved_bytes_{segment}"] = sum(extra.values())
+    os.environ["NNUNETV2_MAMBA_TRITON_SEGMENT"] = str(SEGMENT)
+    result["max_difference"] = max((a - b).abs().max().item() for other in ("1", "4")
+                                   for a, b in zip(outputs["2"], outputs[other]))
     return result
 
 
@@ -230,7 +235,7 @@ def layer_copies_case():
 def main():
     for case in CASES:
         print(json.dumps(run_case(*case)), flush=True)
-    print(json.dumps(saved_states_case()), flush=True)
+    print(json.dumps(segments_case()), flush=True)
     print(json.dumps(fused_layer_case()), flush=True)
     for case in CONV_CASES:
         print(json.dumps(conv_case(*case)), flush=True)
@@ -240,9 +245,9 @@ def main():
 @pytest.fixture(scope="module")
 def interpreted_results():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    # Carry blocks of 2 chunks in superblocks of 2: the two-level carry runs from 3 chunks on.
+    # Carry tiles of 2 segments in superblocks of 2: the two-level carry runs from 3 segments on.
     env = dict(os.environ, TRITON_INTERPRET="1", NNUNETV2_MAMBA_TRITON_CHUNK=str(CHUNK),
-               NNUNETV2_MAMBA_TRITON_CARRY="2,2",
+               NNUNETV2_MAMBA_TRITON_SEGMENT=str(SEGMENT), NNUNETV2_MAMBA_TRITON_CARRY="2,2",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", "from tests.nnunetv2_mamba.ssm.test_triton_scan import main; main()"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -261,35 +266,40 @@ def test_interpreted_kernels_match_fp64_reference(interpreted_results, index):
     assert not bad, f"case {CASE_IDS[index]}: errors above 2e-5: {bad}"
 
 
-def test_default_carry_geometry_matches_fp64_reference():
-    """The carry as shipped (tiles of 8 chunks, superblocks sized to the sequence; the other tests force tiny
-    ones): chunks of 2 tokens give K = 5 (one level) and K = 150 (19 superblocks of 8 chunks, two levels)."""
+def test_default_segments_and_carry_match_fp64_reference():
+    """Segments and carry as shipped (8 chunks per segment, carry tiles of 8 segments, superblocks sized to the
+    sequence; the other tests force tiny ones), chunks of 2 tokens: L = 10 is one segment of 5 chunks (no carry),
+    L = 40 three segments (one carry level), L = 299 19 segments (superblocks of 8: two levels)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env = {k: v for k, v in os.environ.items() if k != "NNUNETV2_MAMBA_TRITON_CARRY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NNUNETV2_MAMBA_TRITON_CARRY",
+                                                            "NNUNETV2_MAMBA_TRITON_SEGMENT")}
     env.update(TRITON_INTERPRET="1", NNUNETV2_MAMBA_TRITON_CHUNK="2",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = ("import json; from tests.nnunetv2_mamba.ssm.test_triton_scan import run_case; "
-            "from nnunetv2_mamba.ssm.backends.triton_scan import _superblock; "
-            "print(json.dumps([_superblock(5), _superblock(150)] + [run_case(L, 'shared', 1, 4, True, True) "
-            "for L in (10, 299)]))")
+    code = ("import json, torch; from tests.nnunetv2_mamba.ssm.test_triton_scan import run_case; "
+            "from nnunetv2_mamba.ssm.backends.triton_scan import _superblock, make_plan; "
+            "plans = [make_plan(torch.empty(1, 4, L), torch.empty(4, 4), torch.empty(1, 4, L), "
+            "torch.empty(1, 4, L))[0] for L in (10, 40, 299)]; "
+            "print(json.dumps([[p.n_segments, _superblock(p.n_segments)] for p in plans] "
+            "+ [run_case(L, 'shared', 1, 4, True, True) for L in (10, 40, 299)]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    small_superblock, long_superblock, *cases = json.loads(done.stdout.splitlines()[-1])
-    assert small_superblock >= 5 and 8 <= long_superblock < 150, (small_superblock, long_superblock)
+    results = json.loads(done.stdout.splitlines()[-1])
+    geometry, cases = results[:3], results[3:]
+    assert geometry == [[1, 8], [3, 8], [19, 8]], geometry  # 19 segments > one superblock of 8: two levels
     for errors in cases:
         errors.pop("out_dtype_ok")
         bad = {name: value for name, value in errors.items() if not value < 2e-5}
         assert not bad, bad
 
 
-def test_backward_recomputes_the_chunk_states_instead_of_saving_them(interpreted_results):
-    """The scan saves nothing for its backward beyond its inputs (mamba_ssm keeps its output as well); keeping the
-    chunk states is opt-in and gives the same gradients."""
-    saved = interpreted_results[len(CASES)]
-    assert saved["extra_saved_bytes_recomputed"] == 0, saved
-    assert saved["extra_saved_bytes_kept"] == saved["chunk_states_bytes"] > 0, saved
-    assert saved["max_grad_difference"] < 1e-6, saved
+def test_segments_change_nothing_and_nothing_is_saved_beyond_the_inputs(interpreted_results):
+    """Segments of 1, 2 or 4 chunks give the same output and gradients (35 tokens: 9 chunks, 9 / 5 / 3 segments,
+    the last partly padding), and the scan saves nothing for its backward beyond its inputs (mamba_ssm keeps its
+    output as well)."""
+    result = interpreted_results[len(CASES)]
+    assert [result[f"extra_saved_bytes_{s}"] for s in ("1", "2", "4")] == [0, 0, 0], result
+    assert result["max_difference"] < 1e-5, result
 
 
 def test_fused_mamba_layer_matches_the_unfused_path_and_keeps_less(interpreted_results):
