@@ -53,7 +53,14 @@ kernels["conv_fwd"] = (tc._causal_conv_forward_kernel, dict(WIDTH=4, HAS_BIAS=Tr
                                                             BLOCK_D=tc.BLOCK_D))
 kernels["conv_bwd"] = (tc._causal_conv_backward_kernel, dict(WIDTH=4, WIDTH_PAD=4, HAS_BIAS=True, BLOCK_D=tc.BLOCK_D,
                                                              BLOCK_L=tc.BACKWARD_BLOCK_L, TILES=tc.BACKWARD_TILES))
-warps = {"conv_fwd": 4, "conv_bwd": 4}  # triton_conv launches with Triton's default; the scan kernels with 1
+from nnunetv2_mamba.layers import triton_norm as tnorm  # noqa: E402
+
+kernels["norm_stats"] = (tnorm._stats_kernel, dict(BLOCK=tnorm.BLOCK))
+kernels["norm_apply"] = (tnorm._normalize_kernel, dict(SPLITS_PAD=64, BLOCK=tnorm.BLOCK, AFFINE=True))
+kernels["norm_gsums"] = (tnorm._grad_sums_kernel, dict(BLOCK=tnorm.BLOCK))
+kernels["norm_gin"] = (tnorm._grad_input_kernel, dict(SPLITS_PAD=64, BLOCK=tnorm.BLOCK, AFFINE=True))
+# triton_conv launches with Triton's default; the norm with its WARPS; the scan kernels with 1
+warps = {"conv_fwd": 4, "conv_bwd": 4, **{name: tnorm.WARPS for name in kernels if name.startswith("norm_")}}
 tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 print(f"triton {triton.__version__}, sm_90")
 for name, (fn, consts) in kernels.items():

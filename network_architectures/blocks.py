@@ -7,9 +7,11 @@
 - ``UpsampleLayer``: interpolation followed by a 1x1 conv (not a transposed conv).
 - ``init_he``: the initialisation rule of the conv networks (nnU-Net's ``InitWeights_He(1e-2)`` on the whole
   model, called at the end of every network's ``__init__``).
+- ``network_kwargs``: a plan's constructor keywords as the builders pass them (torch's instance norm replaced by
+  the Triton-backed subclass of ``nnunetv2_mamba.layers.norm``, same parameters).
 
-Only torch and dynamic_network_architectures are imported here (never nnunetv2), so other families
-(LoG-VMamba, ...) can reuse the blocks without depending on nnU-Net.
+Only torch, dynamic_network_architectures and the plugin's own layers are imported here (never nnunetv2), so other
+families (LoG-VMamba, ...) can reuse the blocks without depending on nnU-Net.
 """
 from __future__ import annotations
 
@@ -22,9 +24,19 @@ from dynamic_network_architectures.building_blocks.helper import maybe_convert_s
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
+from nnunetv2_mamba.layers.norm import fast_norm_op
+
 IntOrSeq = Union[int, Sequence[int]]
 
-__all__ = ["BasicResBlock", "UpsampleLayer", "residual_stage", "init_he", "BasicBlockD", "InitWeights_He"]
+__all__ = ["BasicResBlock", "UpsampleLayer", "residual_stage", "init_he", "network_kwargs", "BasicBlockD",
+           "InitWeights_He"]
+
+
+def network_kwargs(plan, with_input_size: bool = False) -> Dict[str, Any]:
+    """Return ``plan.unet_kwargs(...)`` with the norm_op through ``fast_norm_op`` (what the builders pass)."""
+    kwargs = plan.unet_kwargs(with_input_size=with_input_size)
+    kwargs["norm_op"] = fast_norm_op(kwargs["norm_op"])
+    return kwargs
 
 
 def _per_axis(conv_op: Type[nn.Module], value: IntOrSeq) -> list:

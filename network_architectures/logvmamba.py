@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op
 
-from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, init_he, residual_stage
+from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, init_he, network_kwargs, residual_stage
 from nnunetv2_mamba.network_architectures.logvmamba_geometry import logvmamba_topology
 from nnunetv2_mamba.network_architectures.logvmamba_mixers import LoGMambaLayer
 from nnunetv2_mamba.network_architectures.umamba import UMambaEncoder
@@ -153,7 +153,7 @@ def build_logvmamba(plan: NetworkPlan, deep_supervision: bool = False, variant: 
     """
     try:
         network = LoGVMamba(
-            **plan.unet_kwargs(with_input_size=True), deep_supervision=deep_supervision, variant=variant,
+            **network_kwargs(plan, with_input_size=True), deep_supervision=deep_supervision, variant=variant,
             backend=backend)
     except ValueError as error:  # the LoG mapping of §3.4 cannot be made for this plan
         if isinstance(error, PlanError):

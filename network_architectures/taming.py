@@ -27,7 +27,7 @@ from dynamic_network_architectures.building_blocks.unet_residual_decoder import 
 
 from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_mixer,
                                    run_on_map)
-from nnunetv2_mamba.network_architectures.blocks import init_he
+from nnunetv2_mamba.network_architectures.blocks import init_he, network_kwargs
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
 
@@ -284,4 +284,4 @@ def build_taming_network(name: str, plan: NetworkPlan, deep_supervision: bool, *
     if plan.n_stages < 2:
         raise PlanError(f"The plan cannot build {name}: it needs n_stages >= 2 (a U-Net with at least one skip); "
                         f"got {plan.n_stages}. Use a larger patch size so that nnU-Net plans more stages.")
-    return network_class(**plan.unet_kwargs(), deep_supervision=deep_supervision, **options)
+    return network_class(**network_kwargs(plan), deep_supervision=deep_supervision, **options)

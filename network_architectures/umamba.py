@@ -48,7 +48,7 @@ import torch.nn as nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunetv2_mamba.layers import Mamba, run_mixer, run_on_map
-from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, residual_stage
+from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, network_kwargs, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ def _network_from_plan(network_class, plan: NetworkPlan, deep_supervision: bool,
     if plan.n_stages < 2:
         raise PlanError(f"U-Mamba needs a plan with at least 2 stages; this plan has n_stages={plan.n_stages}. "
                         f"Use a larger patch size so that nnU-Net plans more stages.")
-    network = network_class(**plan.unet_kwargs(with_input_size=True), deep_supervision=deep_supervision,
+    network = network_class(**network_kwargs(plan, with_input_size=True), deep_supervision=deep_supervision,
                             backend=backend)
     logger.debug("Built %s for patch %s with %d stages.", network_class.__name__, plan.patch_size, plan.n_stages)
     return network
