@@ -15,12 +15,14 @@
 # kernels:  the Triton scan's kernels per tiling, layout and dtype, beside an older copy of the code; the layer.
 # networks_triton: the d_state-16 networks on mamba_ssm, triton, and the automatic choice (bf16 mixers).
 # tests:    every GPU test that is not e2e.
+# networks_norm: GPU tests of the Triton instance norm, then the networks with it (the default) and with torch's
+#           ($NNUNETV2_MAMBA_FAST_NORM=0), automatic scan backend, bf16 mixers.
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -30,7 +32,7 @@ plan_test=tests/nnunetv2_mamba/planning/test_plan_gpu.py
 nets="UMambaEnc UMambaBot LoGVMamba SegMamba MultiSegMamba"
 bench() {  # label, then env assignments
   local label="$1"; shift
-  env "$@" timeout 200 python3 benchmarks/benchmark_networks.py --networks $nets --steps 5 --warmup 2 \
+  env "$@" timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/benchmark_networks.py --networks $nets --steps 5 --warmup 2 \
     --json "$out/bench_$label.json" > "$out/bench_$label.log" 2>&1
   tail -n 9 "$out/bench_$label.log"
 }
@@ -138,7 +140,8 @@ case "$what" in
       done
     done
     grep "^==\|2x2097152x32" "$out/layers.log"
-    # the automatic choice's evidence: shorter sequences, more channels (bf16, current code)
+    # the automatic choice's evidence: shorter sequences, more channels (bf16, current code); $SKIP_SHAPES=1 skips
+    [ -n "${SKIP_SHAPES:-}" ] && exit 0
     timeout 150 python3 benchmarks/benchmark_scan.py --shapes 2x262144x64 2x32768x128 2x4096x256 2x4096x512 \
       --dtype bf16 --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/shapes.log" 2>&1
     grep "^| 2x" "$out/shapes.log" ;;
@@ -148,6 +151,12 @@ case "$what" in
     bench mamba_ssm_bf16_mixers NNUNETV2_MAMBA_BACKEND=mamba_ssm
     bench triton NNUNETV2_MAMBA_BACKEND=triton
     bench auto ;;
+  networks_norm)
+    timeout 100 python3 -m pytest tests/nnunetv2_mamba/layers/test_instance_norm.py -q -rs -m gpu \
+      > "$out/gpu_tests_norm.log" 2>&1
+    tail -n 3 "$out/gpu_tests_norm.log"
+    nets="${NETS:-UMambaEnc UMambaBot LoGVMamba SegMamba}" BENCH_TIMEOUT=250 bench fast_norm
+    nets="${NETS_TORCH_NORM:-UMambaEnc UMambaBot LoGVMamba}" BENCH_TIMEOUT=200 bench torch_norm NNUNETV2_MAMBA_FAST_NORM=0 ;;
   profile)
     timeout 200 python3 benchmarks/profile_network.py --networks ${NETS:-PlainConvUNet UMambaEnc UMambaBot LoGVMamba} \
       > "$out/profile_networks.log" 2>&1

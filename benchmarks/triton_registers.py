@@ -45,7 +45,7 @@ def instruction_mix(cubin: bytes, tools: str) -> collections.Counter:
 kernels = {
  "end_state": (ts._segment_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, WRITE_LOCAL=False, **common)),
  "end_local": (ts._segment_end_state_kernel, dict(B_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, WRITE_LOCAL=True, **common)),
- "output": (ts._segment_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_START=True, **common)),
+ "output": (ts._segment_output_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, **common)),
  "adjoint": (ts._segment_adjoint_kernel, dict(C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_Z=True, **common)),
  "grad": (ts._chunk_grad_kernel, dict(B_VARIABLE=True, C_VARIABLE=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, BC_ATOMIC=False, **common)),
 }

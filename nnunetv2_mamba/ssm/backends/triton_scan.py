@@ -194,6 +194,14 @@ def _state_offsets(row_start, d, n, D, N: tl.constexpr):
 # --sass): the output kernel's shuffles 144 -> 52 per channel block, its instructions 1200 -> 1016.
 
 
+# The segment kernels walk a segment chunk by chunk and, inside each chunk, its channel blocks, the way the chunk
+# kernels did, so that the 16 channel blocks of a chunk read the same cache lines one after the other (token-major
+# tensors hold 4 channels = 8 bytes of bf16 per token and block). Walking a channel block over the whole segment
+# first touched 8x as many lines between reuses, more than L1 holds: the kernels ran 2-3x slower (H200, 2026-12-02
+# sixth session). Each block's running state therefore lives in global memory between chunks, in the buffer the
+# kernel writes at the end anyway (end states, entering states, adjoints): 256 bytes per block, L1-resident.
+
+
 @triton.jit
 def _segment_end_state_kernel(
         u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
@@ -209,19 +217,21 @@ def _segment_end_state_kernel(
     """
     seg, b, split, n, n_mask = _program(N, N_PAD)
     padded_chunks = n_segments * chunks_per_segment
-    for block in range(blocks_per_program):
-        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
-        state = tl.zeros([N_PAD, BLOCK_D], dtype=tl.float32)
-        dt_run = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for i in range(chunks_per_segment):
-            chunk = seg * chunks_per_segment + i
+    segment_row = (b * n_segments + seg) * D
+    for i in range(chunks_per_segment):
+        chunk = seg * chunks_per_segment + i
+        t, t_mask = _chunk_tokens(chunk, L, T)
+        for block in range(blocks_per_program):
+            d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
+            state_ptrs = end_ptr + _state_offsets(segment_row, d, n, D, N)
+            state = tl.load(state_ptrs, mask=nd_mask & (i > 0), other=0.0)  # zero before the first chunk
+            dt_run = tl.load(dtsum_ptr + segment_row + d, mask=d_mask & (i > 0), other=0.0)
             if WRITE_LOCAL:
                 row = (b * padded_chunks + chunk) * D
                 tl.store(local_ptr + _state_offsets(row, d, n, D, N), state, mask=nd_mask)
                 tl.store(prefix_ptr + row + d, dt_run, mask=d_mask)
-            t, t_mask = _chunk_tokens(chunk, L, T)
             mask = t_mask[:, None] & d_mask[None, :]
+            A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
             u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
             dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
             Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, d_start // channels_per_group, d, n, t, d_mask, n_mask,
@@ -229,11 +239,9 @@ def _segment_end_state_kernel(
             decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]),
                                                 (dt * u)[:, None, :] * Bt), 0, _first_order_combine)
             # masked tokens: decay 1, drive 0, the state passes unchanged
-            state = _last_token(decay_run, T) * state + _last_token(h, T)
-            dt_run += tl.sum(dt, axis=0)
-        row = (b * n_segments + seg) * D
-        tl.store(end_ptr + _state_offsets(row, d, n, D, N), state, mask=nd_mask)
-        tl.store(dtsum_ptr + row + d, dt_run, mask=d_mask)
+            tl.store(state_ptrs, _last_token(decay_run, T) * state + _last_token(h, T), mask=nd_mask)
+            tl.store(dtsum_ptr + segment_row + d, dt_run + tl.sum(dt, axis=0), mask=d_mask)
+        tl.debug_barrier()  # the next chunk's loads of the running states see these stores
 
 
 @triton.jit
@@ -361,22 +369,23 @@ def _segment_output_kernel(
         D, L, n_segments, chunks_per_segment, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_START: tl.constexpr):
-    """The output of a segment's chunks, one after the other from the segment's entering state."""
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """The output of a segment's chunks, one after the other from the segment's entering state.
+
+    start: (batch, segments + 1, N, D), the states entering the segments; a segment's slot is overwritten with its
+    running state (the last slot, the final state, is not touched).
+    """
     seg, b, split, n, n_mask = _program(N, N_PAD)
-    for block in range(blocks_per_program):
-        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
-        group = d_start // channels_per_group
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
-        if HAS_D:
-            D_val = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        h0 = tl.zeros([N_PAD, BLOCK_D], dtype=tl.float32)
-        if HAS_START:
-            h0 = tl.load(start_ptr + _state_offsets((b * (n_segments + 1) + seg) * D, d, n, D, N), mask=nd_mask,
-                         other=0.0)
-        for i in range(chunks_per_segment):
-            t, t_mask = _chunk_tokens(seg * chunks_per_segment + i, L, T)
+    segment_row = (b * (n_segments + 1) + seg) * D
+    for i in range(chunks_per_segment):
+        t, t_mask = _chunk_tokens(seg * chunks_per_segment + i, L, T)
+        for block in range(blocks_per_program):
+            d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
+            group = d_start // channels_per_group
             mask = t_mask[:, None] & d_mask[None, :]
+            state_ptrs = start_ptr + _state_offsets(segment_row, d, n, D, N)
+            h0 = tl.load(state_ptrs, mask=nd_mask, other=0.0)
+            A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
             u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
             dt, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t, d_mask, mask, HAS_BIAS, SOFTPLUS)
             Bt = _load_bc(B_ptr, sB0, sB1, sB2, sB3, b, group, d, n, t, d_mask, n_mask, t_mask, B_VARIABLE)
@@ -384,42 +393,46 @@ def _segment_output_kernel(
             decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]),
                                                 (dt * u)[:, None, :] * Bt), 0, _first_order_combine)
             h += decay_run * h0[None, :, :]
-            h0 = _last_token(h, T)
+            tl.store(state_ptrs, _last_token(h, T), mask=nd_mask)
             y = tl.sum(h * Ct, axis=1)  # (T, BLOCK_D)
             if HAS_D:
-                y += D_val[None, :] * u
+                y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] * u
             if HAS_Z:
                 zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
                 y *= zv / (1.0 + tl.exp(-zv))
             tl.store(out_ptr + _token_offsets(so_b, so_d, so_l, b, d, t),
                      y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()
 
 
 @triton.jit
 def _segment_adjoint_kernel(
         dout_ptr, sg_b, sg_d, sg_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
         C_ptr, sC0, sC1, sC2, sC3, z_ptr, sz_b, sz_d, sz_l,
-        adj_ptr, local_ptr, suffix_ptr,
+        adj_ptr, dtrun_ptr, local_ptr, suffix_ptr,
         D, L, n_segments, chunks_per_segment, channels_per_group, blocks_per_program,
         N: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
         C_VARIABLE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
     """What each segment passes to the one before it, Q = sum_t exp(A * sum_{s<=t} delta_s) C_t dy_t over the
     segment, walking its chunks from the last; and per chunk the same sum over the segment's later chunks (the
-    adjoint entering the chunk from the right, counted from the segment's end) and the delta summed over them."""
+    adjoint entering the chunk from the right, counted from the segment's end) and the delta summed over them.
+    dtrun (batch, segments, D) holds the running delta sum."""
     seg, b, split, n, n_mask = _program(N, N_PAD)
     padded_chunks = n_segments * chunks_per_segment
-    for block in range(blocks_per_program):
-        d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
-        A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
-        carry = tl.zeros([N_PAD, BLOCK_D], dtype=tl.float32)
-        dt_run = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for i in range(chunks_per_segment):
-            chunk = seg * chunks_per_segment + chunks_per_segment - 1 - i
+    segment_row = (b * n_segments + seg) * D
+    for i in range(chunks_per_segment):
+        chunk = seg * chunks_per_segment + chunks_per_segment - 1 - i
+        t, t_mask = _chunk_tokens(chunk, L, T)
+        for block in range(blocks_per_program):
+            d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
+            carry_ptrs = adj_ptr + _state_offsets(segment_row, d, n, D, N)
+            carry = tl.load(carry_ptrs, mask=nd_mask & (i > 0), other=0.0)
+            dt_run = tl.load(dtrun_ptr + segment_row + d, mask=d_mask & (i > 0), other=0.0)
             row = (b * padded_chunks + chunk) * D
             tl.store(local_ptr + _state_offsets(row, d, n, D, N), carry, mask=nd_mask)
             tl.store(suffix_ptr + row + d, dt_run, mask=d_mask)
-            t, t_mask = _chunk_tokens(chunk, L, T)
             mask = t_mask[:, None] & d_mask[None, :]
+            A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
             dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
             if HAS_Z:
                 zv = _load_tokens(z_ptr, sz_b, sz_d, sz_l, b, d, t, mask)
@@ -430,9 +443,10 @@ def _segment_adjoint_kernel(
             # the chunk's own part: a forward scan whose running decay is the product from the chunk's start
             decay = tl.exp2(A2[None, :, :] * dt[:, None, :])
             decay_run, _ = tl.associative_scan((decay, tl.zeros_like(decay)), 0, _first_order_combine)
-            carry = tl.sum(decay_run * Ct * dy[:, None, :], axis=0) + _last_token(decay_run, T) * carry
-            dt_run += tl.sum(dt, axis=0)
-        tl.store(adj_ptr + _state_offsets((b * n_segments + seg) * D, d, n, D, N), carry, mask=nd_mask)
+            tl.store(carry_ptrs, tl.sum(decay_run * Ct * dy[:, None, :], axis=0) + _last_token(decay_run, T) * carry,
+                     mask=nd_mask)
+            tl.store(dtrun_ptr + segment_row + d, dt_run + tl.sum(dt, axis=0), mask=d_mask)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -658,24 +672,28 @@ def _segment_start_states(u, delta, A2, B, delta_bias, softplus, plan: _Plan, lo
 
 
 def _scan_forward(u, delta, A2, B, C, D, z, delta_bias, softplus, plan: _Plan, keep_states: bool):
+    """Return (out, final state (batch, N, D) fp32; with keep_states=False and one segment, a zero placeholder)."""
     batch, channels, length = u.shape
     d_state = A2.shape[0]
     b_var, groups, sB = _bc_layout(B)
     c_var, _, sC = _bc_layout(C)
     dummy = A2  # any valid pointer for absent optional tensors
-    starts = None
     if plan.n_segments > 1 or keep_states:
-        starts, _ = _segment_start_states(u, delta, A2, B, delta_bias, softplus, plan)
+        # the output kernel overwrites the segments' slots with its running states; the last slot (the final
+        # state) stays
+        running, _ = _segment_start_states(u, delta, A2, B, delta_bias, softplus, plan)
+    else:  # one segment entered from zero: no carry to compute
+        running = torch.zeros(batch, 2, d_state, channels, device=u.device, dtype=torch.float32)
     out = _empty_in_layout_of(u)
     _segment_output_kernel[plan.segment_grid](
         u, *_token_strides(u), delta, *_token_strides(delta), dummy if delta_bias is None else delta_bias, A2,
         B, *sB, C, *sC, dummy if D is None else D, dummy if z is None else z,
-        *(_token_strides(z) if z is not None else (0, 0, 0)), dummy if starts is None else starts,
+        *(_token_strides(z) if z is not None else (0, 0, 0)), running,
         out, *_token_strides(out), channels, length, plan.n_segments, plan.chunks_per_segment,
         plan.channels_per_group, plan.blocks_per_program,
         B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, **plan.launch(d_state))
-    return out, starts
+        HAS_D=D is not None, HAS_Z=z is not None, **plan.launch(d_state))
+    return out, running[:, -1]  # the final state (batch, N, D): the state after the last segment
 
 
 def _superblock(n_chunks: int) -> int:
@@ -722,10 +740,10 @@ class SelectiveScanTriton(torch.autograd.Function):
         D_skip = None if D is None else D.contiguous()
         bias = None if delta_bias is None else delta_bias.contiguous()
         with torch.autocast(device_type=u.device.type, enabled=False):
-            out, starts = _scan_forward(u, delta, A2, B, C, D_skip, z, bias, delta_softplus, plan,
-                                        keep_states=True)
-        last_state = starts[:, -1].transpose(1, 2).contiguous()
-        del starts  # the backward recomputes what it needs (it needs the chunks' states, not only the segments')
+            out, final_state = _scan_forward(u, delta, A2, B, C, D_skip, z, bias, delta_softplus, plan,
+                                             keep_states=True)
+        last_state = final_state.transpose(1, 2).contiguous()
+        # nothing else is kept: the backward recomputes what it needs (the chunks' states, not only the segments')
         ctx.save_for_backward(u, delta, A, B, C, D_skip, z, bias)
         ctx.plan, ctx.delta_softplus, ctx.groups = plan, delta_softplus, groups
         ctx.mark_non_differentiable(last_state)
@@ -780,9 +798,10 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
         starts, dtsum = _segment_start_states(u, delta, A2, B, delta_bias, delta_softplus, plan, local, prefix)
         adj = torch.empty(batch, plan.n_segments, d_state, channels, device=dev, dtype=torch.float32)
         adj_local, suffix = torch.empty_like(local), torch.empty_like(prefix)
+        suffix_run = torch.empty_like(dtsum)
         _segment_adjoint_kernel[plan.segment_grid](
             grad_out, *_token_strides(grad_out), delta, *_token_strides(delta), bias, A2, C, *sC,
-            dummy if z is None else z, *z_strides, adj, adj_local, suffix,
+            dummy if z is None else z, *z_strides, adj, suffix_run, adj_local, suffix,
             channels, length, plan.n_segments, plan.chunks_per_segment, plan.channels_per_group,
             plan.blocks_per_program, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_Z=z is not None, **common)
