@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from nnunetv2_mamba.layers import Mamba
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profiling import group_of, kernel_times  # noqa: E402
 
-GROUPS = (("scan", ("chunk_", "carry_", "selective_scan", "scan")), ("conv", ("conv", "causal")),
-          ("GEMM", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "matmul")),
-          ("copy", ("copy", "cat", "transpose")), ("reduction", ("reduce", "sum")))
-
-
-def group_of(kernel_name: str) -> str:
-    lowered = kernel_name.lower()
-    for group, needles in GROUPS:
-        if any(needle in lowered for needle in needles):
-            return group
-    return "elementwise/other"
-
+from nnunetv2_mamba.layers import Mamba  # noqa: E402
 
 def profile_backend(backend: str, shape, dtype, steps: int, warmup: int):
     batch, length, d_model = shape
@@ -50,13 +40,7 @@ def profile_backend(backend: str, shape, dtype, steps: int, warmup: int):
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels = collections.Counter()
-    for event in prof.key_averages():
-        if getattr(event, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
-            continue  # CPU-side operator rows would count their kernels twice
-        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if time_us and event.key and not event.key.startswith("ProfilerStep"):
-            kernels[event.key] += time_us / 1000 / steps
+    kernels = kernel_times(prof, steps)
     return kernels
 
 

@@ -15,28 +15,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_networks import benchmark_plan, collect_networks, deep_supervision_loss  # noqa: E402
-
-# First match wins: cuDNN's convolution kernels are named sm90_xmma_fprop/dgrad/wgrad..., so the conv needles come
-# before the GEMM ones that would also match them.
-GROUPS = (("scan", ("chunk_", "carry_", "selective_scan", "_scan_")),
-          ("conv", ("conv", "causal", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
-          ("GEMM", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "matmul")),
-          ("norm", ("norm", "welford")),
-          ("copy", ("copy", "cat", "transpose", "permute")), ("reduction", ("reduce", "sum")))
-
-
-def group_of(kernel_name: str) -> str:
-    lowered = kernel_name.lower()
-    for group, needles in GROUPS:
-        if any(needle in lowered for needle in needles):
-            return group
-    return "elementwise/other"
-
+from profiling import group_of, kernel_times  # noqa: E402
 
 def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int):
     """Return ({kernel: CUDA ms per step}, peak GiB) of the network's training step."""
@@ -66,13 +49,7 @@ def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int):
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels = collections.Counter()
-    for event in prof.key_averages():
-        if getattr(event, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
-            continue  # CPU-side operator rows would count their kernels twice
-        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if time_us and event.key and not event.key.startswith("ProfilerStep"):
-            kernels[event.key] += time_us / 1000 / steps
+    kernels = kernel_times(prof, steps)
     return kernels, torch.cuda.max_memory_allocated() / 2 ** 30
 
 

@@ -11,16 +11,15 @@ delta_bias, softplus). Prints, per case, the median fwd+bwd (CUDA events) and th
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import statistics
 import sys
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profiling import kernel_times  # noqa: E402
 from triton_dev import make, timed  # noqa: E402
 
 from nnunetv2_mamba.ssm.backends.triton_scan import selective_scan_triton  # noqa: E402
@@ -31,17 +30,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse(case: str):
     dtype, layout, block_d, warps, *chunk = case.split(":")
     return dtype, layout, int(block_d), int(warps), int(chunk[0]) if chunk else None
-
-
-def kernel_times(prof, steps: int):
-    times = collections.Counter()
-    for event in prof.key_averages():
-        if getattr(event, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
-            continue
-        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if time_us and event.key and not event.key.startswith("ProfilerStep"):
-            times[event.key] += time_us / 1000 / steps
-    return times
 
 
 def run_case(case: str, length: int, steps: int):

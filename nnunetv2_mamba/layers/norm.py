@@ -15,7 +15,8 @@ from typing import Optional, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from nnunetv2_mamba.ssm.backends.triton_backend import triton_interpreting
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,9 @@ def _triton_function():
     return InstanceNormTriton
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 class _TritonInstanceNormMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        function = _triton_function() if (x.is_cuda or _interpreting()) else None
+        function = _triton_function() if (x.is_cuda or triton_interpreting()) else None
         if (function is None or self.track_running_stats or not x.is_contiguous()
                 or x.dim() != self._get_no_batch_dim() + 1 or x[0, 0].numel() < 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
             return super().forward(x)

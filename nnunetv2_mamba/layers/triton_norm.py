@@ -34,6 +34,19 @@ MAX_SPLITS = 256
 
 
 @triton.jit
+def _span(split, per_program, M):
+    """Return (first, end) of the elements of a row that program ``split`` covers."""
+    begin = split * per_program
+    return begin, tl.minimum(begin + per_program, M)
+
+
+@triton.jit
+def _load_row(ptr, row, M, offs, inside):
+    """Load elements ``offs`` of row ``row`` of a contiguous (rows, M) tensor as fp32."""
+    return tl.load(ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque 1979)."""
     count = count_a + count_b
@@ -53,12 +66,11 @@ def _stats_kernel(x_ptr, partial_ptr, M, per_program, n_splits, BLOCK: tl.conste
     count = tl.zeros([BLOCK], dtype=tl.float32)
     mean = tl.zeros([BLOCK], dtype=tl.float32)
     m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    begin = split * per_program
-    end = tl.minimum(begin + per_program, M)
+    begin, end = _span(split, per_program, M)
     for start in range(begin, end, BLOCK):
         offs = start + lanes
         inside = offs < end
-        x = tl.load(x_ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr, row, M, offs, inside)
         # Welford per lane: every lane adds at most one element per tile
         count_new = count + tl.where(inside, 1.0, 0.0)
         delta = tl.where(inside, x - mean, 0.0)
@@ -101,12 +113,11 @@ def _normalize_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr,
         w = tl.load(weight_ptr + channel).to(tl.float32)
         scale = w * rstd
         shift = tl.load(bias_ptr + channel).to(tl.float32) - mean * scale
-    begin = split * per_program
-    end = tl.minimum(begin + per_program, M)
+    begin, end = _span(split, per_program, M)
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
-        x = tl.load(x_ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr, row, M, offs, inside)
         tl.store(y_ptr + row * M + offs, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -120,13 +131,12 @@ def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, per_pro
     rstd = tl.load(rstd_ptr + row)
     sum_dy = tl.zeros([BLOCK], dtype=tl.float32)
     sum_dy_xhat = tl.zeros([BLOCK], dtype=tl.float32)
-    begin = split * per_program
-    end = tl.minimum(begin + per_program, M)
+    begin, end = _span(split, per_program, M)
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
-        x = tl.load(x_ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr, row, M, offs, inside)
+        dy = _load_row(dy_ptr, row, M, offs, inside)
         sum_dy += dy
         sum_dy_xhat += dy * (x - mean) * rstd
     out = partial_ptr + (row * n_splits + split) * 2
@@ -149,13 +159,12 @@ def _grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, weight_pt
         w = tl.load(weight_ptr + row % C).to(tl.float32)
     mean_g = w * tl.sum(tl.load(base, mask=mask, other=0.0), axis=0) / M
     mean_g_xhat = w * tl.sum(tl.load(base + 1, mask=mask, other=0.0), axis=0) / M
-    begin = split * per_program
-    end = tl.minimum(begin + per_program, M)
+    begin, end = _span(split, per_program, M)
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
-        x = tl.load(x_ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * M + offs, mask=inside, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr, row, M, offs, inside)
+        dy = _load_row(dy_ptr, row, M, offs, inside)
         xhat = (x - mean) * rstd
         dx = rstd * (w * dy - mean_g - xhat * mean_g_xhat)
         tl.store(dx_ptr + row * M + offs, dx.to(dx_ptr.dtype.element_ty), mask=inside)

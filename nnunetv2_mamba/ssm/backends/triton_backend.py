@@ -36,7 +36,8 @@ def preferred_min_length() -> int:
                          "Unset it for the measured default.") from None
 
 
-def _interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Return whether Triton runs its kernels in the CPU interpreter ($TRITON_INTERPRET, read at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -58,12 +59,12 @@ class TritonBackend(ScanBackend):
 
     def unavailable_reason(self) -> Optional[str]:
         _, reason = _import_triton_scan()
-        if reason is None and not torch.cuda.is_available() and not _interpreting():
+        if reason is None and not torch.cuda.is_available() and not triton_interpreting():
             return "triton is installed but no CUDA device is visible."
         return reason
 
     def unsupported_reason(self, u: torch.Tensor, A: torch.Tensor) -> Optional[str]:
-        if u.device.type != "cuda" and not (_interpreting() and u.device.type == "cpu"):
+        if u.device.type != "cuda" and not (triton_interpreting() and u.device.type == "cpu"):
             return (f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
                     f"got a tensor on {u.device}. Use backend='torch' for CPU tensors.")
         if u.dtype not in _DTYPES:

@@ -203,6 +203,33 @@ def _state_offsets(row_start, d, n, D, N: tl.constexpr):
 
 
 @triton.jit
+def _running_state(state_ptr, run_ptr, segment_row, d, n, D, N: tl.constexpr, nd_mask, d_mask, started):
+    """Return (pointers, state, delta sum) of a channel block's running values in a segment kernel, read from the
+    (batch, segments, N, D) / (.., D) buffers that hold them between chunks; zero while not ``started``."""
+    ptrs = state_ptr + _state_offsets(segment_row, d, n, D, N)
+    return (ptrs, tl.load(ptrs, mask=nd_mask & started, other=0.0),
+            tl.load(run_ptr + segment_row + d, mask=d_mask & started, other=0.0))
+
+
+@triton.jit
+def _store_chunk_part(local_ptr, dt_part_ptr, row, d, n, D, N: tl.constexpr, state, dt_run, nd_mask, d_mask):
+    """Store a chunk's part from inside its segment (state, delta sum) at row ``row`` = chunk row * D."""
+    tl.store(local_ptr + _state_offsets(row, d, n, D, N), state, mask=nd_mask)
+    tl.store(dt_part_ptr + row + d, dt_run, mask=d_mask)
+
+
+@triton.jit
+def _chunk_entering(local_ptr, dt_part_ptr, segment_ptr, local_row, segment_row, A2, d, n, D, N: tl.constexpr,
+                    d_mask, nd_mask):
+    """Return a chunk's state (or adjoint carry) at its edge: its part from inside the segment plus the segment's,
+    decayed by exp2(A * the delta summed between the chunk and the segment's edge)."""
+    dt_part = tl.load(dt_part_ptr + local_row + d, mask=d_mask, other=0.0)
+    return (tl.load(local_ptr + _state_offsets(local_row, d, n, D, N), mask=nd_mask, other=0.0)
+            + tl.exp2(A2 * dt_part[None, :])
+            * tl.load(segment_ptr + _state_offsets(segment_row, d, n, D, N), mask=nd_mask, other=0.0))
+
+
+@triton.jit
 def _segment_end_state_kernel(
         u_ptr, su_b, su_d, su_l, dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, A2_ptr,
         B_ptr, sB0, sB1, sB2, sB3,
@@ -223,13 +250,11 @@ def _segment_end_state_kernel(
         t, t_mask = _chunk_tokens(chunk, L, T)
         for block in range(blocks_per_program):
             d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
-            state_ptrs = end_ptr + _state_offsets(segment_row, d, n, D, N)
-            state = tl.load(state_ptrs, mask=nd_mask & (i > 0), other=0.0)  # zero before the first chunk
-            dt_run = tl.load(dtsum_ptr + segment_row + d, mask=d_mask & (i > 0), other=0.0)
+            state_ptrs, state, dt_run = _running_state(end_ptr, dtsum_ptr, segment_row, d, n, D, N, nd_mask, d_mask,
+                                                       i > 0)
             if WRITE_LOCAL:
-                row = (b * padded_chunks + chunk) * D
-                tl.store(local_ptr + _state_offsets(row, d, n, D, N), state, mask=nd_mask)
-                tl.store(prefix_ptr + row + d, dt_run, mask=d_mask)
+                _store_chunk_part(local_ptr, prefix_ptr, (b * padded_chunks + chunk) * D, d, n, D, N, state, dt_run,
+                                  nd_mask, d_mask)
             mask = t_mask[:, None] & d_mask[None, :]
             A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
             u = _load_tokens(u_ptr, su_b, su_d, su_l, b, d, t, mask)
@@ -425,12 +450,10 @@ def _segment_adjoint_kernel(
         t, t_mask = _chunk_tokens(chunk, L, T)
         for block in range(blocks_per_program):
             d_start, d, d_mask, nd_mask = _channel_block(split, block, blocks_per_program, D, n_mask, BLOCK_D)
-            carry_ptrs = adj_ptr + _state_offsets(segment_row, d, n, D, N)
-            carry = tl.load(carry_ptrs, mask=nd_mask & (i > 0), other=0.0)
-            dt_run = tl.load(dtrun_ptr + segment_row + d, mask=d_mask & (i > 0), other=0.0)
-            row = (b * padded_chunks + chunk) * D
-            tl.store(local_ptr + _state_offsets(row, d, n, D, N), carry, mask=nd_mask)
-            tl.store(suffix_ptr + row + d, dt_run, mask=d_mask)
+            carry_ptrs, carry, dt_run = _running_state(adj_ptr, dtrun_ptr, segment_row, d, n, D, N, nd_mask, d_mask,
+                                                       i > 0)
+            _store_chunk_part(local_ptr, suffix_ptr, (b * padded_chunks + chunk) * D, d, n, D, N, carry, dt_run,
+                              nd_mask, d_mask)
             mask = t_mask[:, None] & d_mask[None, :]
             A2 = tl.load(A2_ptr + _state_offsets(0, d, n, D, N), mask=nd_mask, other=0.0)
             dy = _load_tokens(dout_ptr, sg_b, sg_d, sg_l, b, d, t, mask)
@@ -489,10 +512,8 @@ def _chunk_grad_kernel(
         drive = dtu[:, None, :] * Bt
         decay_run, h = tl.associative_scan((tl.exp2(A2[None, :, :] * dt[:, None, :]), drive), 0,
                                            _first_order_combine)
-        prefix = tl.load(prefix_ptr + local_row + d, mask=d_mask, other=0.0)
-        h0 = (tl.load(local_ptr + _state_offsets(local_row, d, n, D, N), mask=nd_mask, other=0.0)
-              + tl.exp2(A2 * prefix[None, :])
-              * tl.load(start_ptr + _state_offsets(segment_row, d, n, D, N), mask=nd_mask, other=0.0))
+        h0 = _chunk_entering(local_ptr, prefix_ptr, start_ptr, local_row, segment_row, A2, d, n, D, N, d_mask,
+                             nd_mask)
         h += decay_run * h0[None, :, :]
         decayed_prev = h - drive  # a_t * h_{t-1}
 
@@ -516,10 +537,8 @@ def _chunk_grad_kernel(
         dt_next, _ = _load_delta(dt_ptr, sdt_b, sdt_d, sdt_l, bias_ptr, b, d, t_next, d_mask, next_mask,
                                  HAS_BIAS, SOFTPLUS)
         decay_after, g = _reverse_scan(tl.exp2(A2[None, :, :] * dt_next[:, None, :]), Ct * dy[:, None, :])
-        suffix = tl.load(suffix_ptr + local_row + d, mask=d_mask, other=0.0)
-        carry = (tl.load(adj_local_ptr + _state_offsets(local_row, d, n, D, N), mask=nd_mask, other=0.0)
-                 + tl.exp2(A2 * suffix[None, :])
-                 * tl.load(carry_ptr + _state_offsets(segment_row + D, d, n, D, N), mask=nd_mask, other=0.0))
+        carry = _chunk_entering(adj_local_ptr, suffix_ptr, carry_ptr, local_row, segment_row + D, A2, d, n, D, N,
+                                d_mask, nd_mask)
         g += decay_after * carry[None, :, :]
 
         A_nat = A2 * LN2
