@@ -10,15 +10,13 @@ under bf16 autocast than in fp32, mamba_ssm faster).
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from profiling import group_of, kernel_times  # noqa: E402
+from profiling import group_times, kernel_table, profile_steps  # noqa: E402
 
 from nnunetv2_mamba.layers import Mamba  # noqa: E402
 
@@ -33,15 +31,7 @@ def profile_backend(backend: str, shape, dtype, steps: int, warmup: int):
             out = layer(tokens)
         out.float().square().mean().backward()
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = kernel_times(prof, steps)
-    return kernels
+    return profile_steps(step, steps, warmup)
 
 
 def main(argv=None) -> int:
@@ -62,14 +52,8 @@ def main(argv=None) -> int:
           f"{args.dtype}, CUDA ms per forward + backward step ({args.steps} profiled after {args.warmup} warm-up)")
     for backend in args.backends:
         kernels = profile_backend(backend, shape, dtype, args.steps, args.warmup)
-        groups = collections.Counter()
-        for name, ms in kernels.items():
-            groups[group_of(name)] += ms
-        print(f"\n{backend}: {sum(kernels.values()):.1f} ms in all; by group: "
-              + ", ".join(f"{group} {ms:.1f}" for group, ms in groups.most_common()))
-        print("| kernel | group | ms / step |\n|---|---|---|")
-        for name, ms in kernels.most_common(args.top):
-            print(f"| {name[:90]} | {group_of(name)} | {ms:.2f} |")
+        print(f"\n{backend}: {sum(kernels.values()):.1f} ms in all; by group: {group_times(kernels)}")
+        print(kernel_table(kernels, args.top, width=90))
     return 0
 
 

@@ -10,16 +10,14 @@ step goes beyond PlainConvUNet's.
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_networks import benchmark_plan, collect_networks, deep_supervision_loss  # noqa: E402
-from profiling import group_of, kernel_times  # noqa: E402
+from profiling import group_times, kernel_table, profile_steps  # noqa: E402
 
 def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int):
     """Return ({kernel: CUDA ms per step}, peak GiB) of the network's training step."""
@@ -41,15 +39,7 @@ def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int):
         scaler.step(optimizer)
         scaler.update()
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = kernel_times(prof, steps)
+    kernels = profile_steps(step, steps, warmup)
     return kernels, torch.cuda.max_memory_allocated() / 2 ** 30
 
 
@@ -71,14 +61,9 @@ def main(argv=None) -> int:
           f"step ({args.steps} profiled after {args.warmup} warm-up)")
     for name in args.networks:
         kernels, peak = profile_network(name, args.patch, args.batch, args.steps, args.warmup)
-        groups = collections.Counter()
-        for kernel, ms in kernels.items():
-            groups[group_of(kernel)] += ms
         print(f"\n{name}: {sum(kernels.values()):.1f} ms of kernels per step, peak {peak:.2f} GiB; by group: "
-              + ", ".join(f"{group} {ms:.1f}" for group, ms in groups.most_common()))
-        print("| kernel | group | ms / step |\n|---|---|---|")
-        for kernel, ms in kernels.most_common(args.top):
-            print(f"| {kernel[:100]} | {group_of(kernel)} | {ms:.2f} |")
+              f"{group_times(kernels)}")
+        print(kernel_table(kernels, args.top))
         torch.cuda.empty_cache()
     return 0
 

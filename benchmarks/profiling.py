@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 
+import torch
 from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 # First match wins: cuDNN's convolution kernels are named sm90_xmma_fprop/dgrad/wgrad..., so the conv needles come
 # before the GEMM ones that would also match them.
@@ -34,3 +36,31 @@ def kernel_times(prof, steps: int) -> collections.Counter:
         if time_us and event.key and not event.key.startswith("ProfilerStep"):
             times[event.key] += time_us / 1000 / steps
     return times
+
+
+def group_times(kernels) -> str:
+    """Return "group ms, ..." of {kernel: ms}, largest group first."""
+    groups = collections.Counter()
+    for name, ms in kernels.items():
+        groups[group_of(name)] += ms
+    return ", ".join(f"{group} {ms:.1f}" for group, ms in groups.most_common())
+
+
+def kernel_table(kernels, top: int, width: int = 100) -> str:
+    """Return a Markdown table of the ``top`` kernels by time, names cut to ``width`` characters."""
+    rows = [f"| {name[:width]} | {group_of(name)} | {ms:.2f} |" for name, ms in kernels.most_common(top)]
+    return "\n".join(["| kernel | group | ms / step |", "|---|---|---|", *rows])
+
+
+def profile_steps(step, steps: int, warmup: int) -> collections.Counter:
+    """Run ``step()`` ``warmup`` times, reset the peak-memory counter, then profile ``steps`` calls; return
+    ``kernel_times`` of them (CUDA ms per step)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return kernel_times(prof, steps)
