@@ -36,13 +36,15 @@ def _triton_function():
 
 class _TritonInstanceNormMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel_axis = 1 if x.dim() == self._get_no_batch_dim() + 1 else 0
+        if x.dim() > channel_axis and x.shape[channel_axis] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} has {x.shape[channel_axis]} "
+                             f"channels, the layer was built for {self.num_features}; check the plan's "
+                             f"features_per_stage against the network's.")
         function = _triton_function() if (x.is_cuda or triton_interpreting()) else None
         if (function is None or self.track_running_stats or not x.is_contiguous()
                 or x.dim() != self._get_no_batch_dim() + 1 or x[0, 0].numel() < 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
             return super().forward(x)
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: input has {x.shape[1]} channels, the layer was built for "
-                             f"{self.num_features}.")
         return function.apply(x, self.weight if self.affine else None, self.bias if self.affine else None, self.eps)
 
 

@@ -638,9 +638,11 @@ def _config(chunk, block_d, warps):
     chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
-    segment = int(os.environ.get("NNUNETV2_MAMBA_TRITON_SEGMENT") or CHUNKS_PER_SEGMENT)
-    if segment < 1:
-        raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_SEGMENT must be >= 1 chunks; got {segment}.")
+    value = os.environ.get("NNUNETV2_MAMBA_TRITON_SEGMENT") or str(CHUNKS_PER_SEGMENT)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_SEGMENT must be a whole number of chunks >= 1; got "
+                         f"{value!r}. Unset it for the default ({CHUNKS_PER_SEGMENT}).")
+    segment = int(value)
     return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS, segment
 
 

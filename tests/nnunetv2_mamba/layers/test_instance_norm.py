@@ -114,6 +114,11 @@ def test_module_is_torch_instance_norm_on_cpu():
     torch.testing.assert_close(ours(unbatched), theirs(unbatched))
 
 
+def test_wrong_channel_count_says_what_is_wrong():
+    with pytest.raises(ValueError, match="has 3 channels, the layer was built for 4"):
+        InstanceNorm3d(4, affine=True)(torch.randn(2, 3, 4, 4, 4))
+
+
 def test_fast_norm_op_swaps_only_instance_norm(monkeypatch):
     monkeypatch.delenv(FAST_NORM_ENV_VAR, raising=False)
     assert fast_norm_op(nn.InstanceNorm3d) is InstanceNorm3d and fast_norm_op(nn.InstanceNorm2d) is InstanceNorm2d

@@ -293,6 +293,17 @@ def test_default_segments_and_carry_match_fp64_reference():
         assert not bad, bad
 
 
+@pytest.mark.parametrize("value", ["0", "eight", "-2"])
+def test_bad_segment_setting_says_what_is_wrong(monkeypatch, value):
+    import torch
+
+    from nnunetv2_mamba.ssm.backends.triton_scan import make_plan
+
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_SEGMENT", value)
+    with pytest.raises(ValueError, match="NNUNETV2_MAMBA_TRITON_SEGMENT must be a whole number of chunks >= 1"):
+        make_plan(torch.empty(1, 4, 40), torch.empty(4, 4), torch.empty(1, 4, 40), torch.empty(1, 4, 40))
+
+
 def test_segments_change_nothing_and_nothing_is_saved_beyond_the_inputs(interpreted_results):
     """Segments of 1, 2 or 4 chunks give the same output and gradients (35 tokens: 9 chunks, 9 / 5 / 3 segments,
     the last partly padding), and the scan saves nothing for its backward beyond its inputs (mamba_ssm keeps its
