@@ -8,17 +8,20 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-# First match wins: cuDNN's convolution kernels are named sm90_xmma_fprop/dgrad/wgrad..., so the conv needles come
-# before the GEMM ones that would also match them.
-GROUPS = (("scan", ("chunk_", "segment_", "carry_", "selective_scan", "_scan_")),
-          ("conv", ("conv", "causal", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
+# First match wins. cuDNN's convolution kernels are named sm90_xmma_fprop/dgrad/wgrad... (some also carry words
+# the scan needles would match), so the conv needles come first, before the GEMM ones that would also match them;
+# cuDNN's batch-norm kernels (torch's instance norm) are bn_fw / bn_bw; its NCHW <-> NHWC conversions around the
+# convolutions are a group of their own (layout).
+GROUPS = (("conv", ("conv", "causal", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
+          ("scan", ("_chunk_", "_segment_", "_carry_", "selective_scan", "_scan_")),
+          ("layout", ("nchwtonhwc", "nhwctonchw")),
           ("GEMM", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "matmul")),
-          ("norm", ("norm", "welford")),
+          ("norm", ("norm", "welford", "bn_fw", "bn_bw")),
           ("copy", ("copy", "cat", "transpose", "permute")), ("reduction", ("reduce", "sum")))
 
 
 def group_of(kernel_name: str) -> str:
-    """Return the group of a CUDA kernel's name (scan, conv, GEMM, norm, copy, reduction, elementwise/other)."""
+    """Return the group of a CUDA kernel's name (conv, scan, layout, GEMM, norm, copy, reduction, elementwise/other)."""
     lowered = kernel_name.lower()
     for group, needles in GROUPS:
         if any(needle in lowered for needle in needles):

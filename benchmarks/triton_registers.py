@@ -55,12 +55,16 @@ kernels["conv_bwd"] = (tc._causal_conv_backward_kernel, dict(WIDTH=4, WIDTH_PAD=
                                                              BLOCK_L=tc.BACKWARD_BLOCK_L, TILES=tc.BACKWARD_TILES))
 from nnunetv2_mamba.layers import triton_norm as tnorm  # noqa: E402
 
-kernels["norm_stats"] = (tnorm._stats_kernel, dict(BLOCK=tnorm.BLOCK))
-kernels["norm_apply"] = (tnorm._normalize_kernel, dict(SPLITS_PAD=64, BLOCK=tnorm.BLOCK, AFFINE=True))
-kernels["norm_gsums"] = (tnorm._grad_sums_kernel, dict(BLOCK=tnorm.BLOCK))
-kernels["norm_gin"] = (tnorm._grad_input_kernel, dict(SPLITS_PAD=64, BLOCK=tnorm.BLOCK, AFFINE=True))
+kernels["norm_stats"] = (tnorm._instance_norm_stats_kernel, dict(BLOCK=tnorm.BLOCK))
+kernels["norm_apply"] = (tnorm._instance_norm_apply_kernel, dict(SPLITS_PAD=64, BLOCK=tnorm.BLOCK, AFFINE=True))
+kernels["norm_gsums"] = (tnorm._instance_norm_grad_sums_kernel, dict(BLOCK=tnorm.BLOCK))
+kernels["norm_gin"] = (tnorm._instance_norm_grad_input_kernel, dict(SPLITS_PAD=64, BLOCK=tnorm.BLOCK, AFFINE=True))
+from nnunetv2_mamba.layers import triton_token_norm as ttn  # noqa: E402
+
+kernels["token_norm_fwd"] = (ttn._token_norm_forward_kernel, dict(BLOCK_L=128, C_PAD=32, AFFINE=True))
+kernels["token_norm_bwd"] = (ttn._token_norm_backward_kernel, dict(BLOCK_L=128, C_PAD=32, AFFINE=True))
 # triton_conv launches with Triton's default; the norm with its WARPS; the scan kernels with 1
-warps = {"conv_fwd": 4, "conv_bwd": 4, **{name: tnorm.WARPS for name in kernels if name.startswith("norm_")}}
+warps = {"conv_fwd": 4, "conv_bwd": 4, "token_norm_fwd": 4, "token_norm_bwd": 4, **{name: tnorm.WARPS for name in kernels if name.startswith("norm_")}}
 tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 print(f"triton {triton.__version__}, sm_90")
 for name, (fn, consts) in kernels.items():

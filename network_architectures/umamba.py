@@ -47,7 +47,8 @@ import torch.nn as nn
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_mamba.layers import Mamba, run_mixer, run_on_map
+from nnunetv2_mamba.layers import Mamba, run_mixer
+from nnunetv2_mamba.layers.norm import token_layer_norm
 from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, network_kwargs, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
@@ -137,7 +138,10 @@ class UMambaLayer(nn.Module):
     def _mix_map(self, x: torch.Tensor) -> torch.Tensor:
         """Return the mixed map for ``x`` in the mixer precision (patch or channel tokens)."""
         if not self.channel_token:
-            return run_on_map(self._mix_tokens, x)
+            # Same as run_on_map(self._mix_tokens, x), without the transposing copies on the GPU: the LayerNorm
+            # reads the map and writes tokens, and the out projection writes the map.
+            tokens = token_layer_norm(x.flatten(2), self.norm)
+            return self.mamba(tokens, channels_first=True).view(x.shape[0], -1, *x.shape[2:])
         batch, channels, *spatial = x.shape
         n_positions = int(np.prod(spatial))
         if n_positions != self.dim:

@@ -47,8 +47,9 @@ class Mamba(nn.Module):
         init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
         self.A_log, self.D = ssm_state_parameters(self.d_inner, self.d_state, device)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Return the mixed tokens (batch, length, d_model)."""
+    def forward(self, hidden_states: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        """Return the mixed tokens (batch, length, d_model), or with ``channels_first`` the same values as a
+        contiguous (batch, d_model, length) map (what a network reshapes to its feature map)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects tokens (batch, length, {self.d_model}); "
                              f"got shape {tuple(hidden_states.shape)}.")
@@ -64,9 +65,10 @@ class Mamba(nn.Module):
             xz = xz.view(2 * self.d_inner, batch, length).transpose(0, 1)
             if self.in_proj.bias is not None:
                 xz = xz + self.in_proj.bias.to(xz.dtype)[None, :, None]
-            return fused_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                               self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
-                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            out = fused_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                              self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            return out.transpose(1, 2).contiguous() if channels_first else out
         # Split before transposing: the two halves' gradients then meet in in_proj's (batch, length, 2 d_inner)
         # layout, so its backward GEMM reads them without a transposing copy.
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden_states).chunk(2, dim=-1))  # (batch, d_inner, L)
@@ -78,6 +80,11 @@ class Mamba(nn.Module):
 
         y = selective_scan_branch(x, A, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.D, z=z,
                                   backend=backend.name)
+        if channels_first:
+            # out_proj as W @ y per batch element: the GEMM writes the (batch, d_model, L) map itself, where
+            # projecting tokens would need a transposing copy after it.
+            out = torch.bmm(self.out_proj.weight.expand(batch, -1, -1), y)
+            return out if self.out_proj.bias is None else out + self.out_proj.bias[:, None]
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:

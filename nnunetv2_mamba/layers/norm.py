@@ -1,14 +1,16 @@
-"""Instance norm that runs the Triton kernels (``triton_norm.py``) on the GPU: a drop-in for the plans' norm_op.
+"""Norms that run Triton kernels on the GPU: instance norm (``triton_norm.py``), a drop-in for the plans' norm_op,
+and the Mamba layers' LayerNorm of a channel-major map's tokens (``token_layer_norm``, ``triton_token_norm.py``).
 
 ``InstanceNorm3d`` / ``InstanceNorm2d`` subclass torch's, so parameters, state_dict keys and ``isinstance`` checks
 are unchanged and any checkpoint loads either way; only ``forward`` differs, and only for CUDA tensors (or CPU
 tensors under ``TRITON_INTERPRET=1``, the tests) with the nnU-Net configuration (no running statistics). Everything
 else, CPU inference included, runs ``F.instance_norm`` as before. ``fast_norm_op`` swaps torch's classes for these
-when a network is built; $NNUNETV2_MAMBA_FAST_NORM=0 keeps torch's (for comparisons).
+when a network is built; $NNUNETV2_MAMBA_FAST_NORM=0 keeps torch's (for comparisons), for both norms.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from typing import Optional, Type
@@ -23,15 +25,44 @@ logger = logging.getLogger(__name__)
 FAST_NORM_ENV_VAR = "NNUNETV2_MAMBA_FAST_NORM"
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fast_norm_enabled() -> bool:
+    """Return False when $NNUNETV2_MAMBA_FAST_NORM=0 asks for torch's norms."""
+    return os.environ.get(FAST_NORM_ENV_VAR, "1") not in ("0", "")
+
+
 @functools.lru_cache(maxsize=None)
-def _triton_function():
-    """Return the Triton autograd Function, or None (with the reason logged once) when Triton cannot be imported."""
+def _triton_function(name: str = "InstanceNormTriton"):
+    """Return a Triton autograd Function (``InstanceNormTriton`` or ``TokenLayerNormTriton``), or None (with the
+    reason logged once) when Triton cannot be imported."""
+    module = "triton_norm" if name == "InstanceNormTriton" else "triton_token_norm"
     try:
-        from nnunetv2_mamba.layers.triton_norm import InstanceNormTriton
-    except Exception as error:  # no Triton in this torch build: torch's instance norm everywhere
-        logger.info("Triton instance norm unavailable (%s: %s); using torch's", type(error).__name__, error)
+        return getattr(importlib.import_module(f"nnunetv2_mamba.layers.{module}"), name)
+    except Exception as error:  # no Triton in this torch build: torch's norms everywhere
+        logger.info("Triton %s unavailable (%s: %s); using torch's", name, type(error).__name__, error)
         return None
-    return InstanceNormTriton
+
+
+def token_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """Return ``norm(x.transpose(1, 2))``, the LayerNorm of a (B, C, L) map's tokens, as (B, L, C) tokens.
+
+    On the GPU one Triton kernel reads the map and writes contiguous tokens in the autocast dtype when autocast is on
+    (what the next projection casts them to), else in x's dtype; elsewhere, or for norms it does not cover, torch's
+    LayerNorm of the transposed view (fp32 under autocast, as always).
+    """
+    if x.dim() != 3 or tuple(norm.normalized_shape) != (x.shape[1],):
+        raise ValueError(f"token_layer_norm needs a (batch, channels, tokens) map with {tuple(norm.normalized_shape)} "
+                         f"channels for this LayerNorm; got shape {tuple(x.shape)}.")
+    function = _triton_function("TokenLayerNormTriton") if (x.is_cuda or triton_interpreting()) else None
+    if (function is None or not fast_norm_enabled() or x.dtype not in _FLOAT_DTYPES or x.shape[2] == 0
+            or x.shape[1] > function.max_channels or (norm.weight is None) != (norm.bias is None)):
+        return norm(x.transpose(1, 2))
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    return function.apply(x, norm.weight, norm.bias, norm.eps, dtype)
 
 
 class _TritonInstanceNormMixin:
@@ -43,7 +74,7 @@ class _TritonInstanceNormMixin:
                              f"features_per_stage against the network's.")
         function = _triton_function() if (x.is_cuda or triton_interpreting()) else None
         if (function is None or self.track_running_stats or not x.is_contiguous()
-                or x.dim() != self._get_no_batch_dim() + 1 or x[0, 0].numel() < 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+                or x.dim() != self._get_no_batch_dim() + 1 or x[0, 0].numel() < 2 or x.dtype not in _FLOAT_DTYPES):
             return super().forward(x)
         return function.apply(x, self.weight if self.affine else None, self.bias if self.affine else None, self.eps)
 
@@ -61,6 +92,6 @@ _FAST = {nn.InstanceNorm3d: InstanceNorm3d, nn.InstanceNorm2d: InstanceNorm2d}
 
 def fast_norm_op(norm_op: Optional[Type[nn.Module]]) -> Optional[Type[nn.Module]]:
     """Return the Triton-backed class for torch's InstanceNorm2d/3d, any other norm_op (or None) unchanged."""
-    if os.environ.get(FAST_NORM_ENV_VAR, "1") in ("0", ""):
+    if not fast_norm_enabled():
         return norm_op
     return _FAST.get(norm_op, norm_op)

@@ -58,7 +58,7 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, partial_ptr, M, per_program, n_splits, BLOCK: tl.constexpr):
+def _instance_norm_stats_kernel(x_ptr, partial_ptr, M, per_program, n_splits, BLOCK: tl.constexpr):
     """(count, mean, M2) of elements [split * per_program, +per_program) of row r: partial (rows, splits, 3)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -98,8 +98,9 @@ def _row_stats(partial_ptr, row, n_splits, eps, SPLITS_PAD: tl.constexpr):
 
 
 @triton.jit
-def _normalize_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, per_program,
-                      n_splits, eps, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr, AFFINE: tl.constexpr):
+def _instance_norm_apply_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, M, C,
+                                per_program, n_splits, eps, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                                AFFINE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     mean, rstd = _row_stats(partial_ptr, row, n_splits, eps, SPLITS_PAD)
@@ -122,8 +123,8 @@ def _normalize_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr,
 
 
 @triton.jit
-def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, per_program, n_splits,
-                      BLOCK: tl.constexpr):
+def _instance_norm_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, per_program, n_splits,
+                                    BLOCK: tl.constexpr):
     """(sum dy, sum dy xhat) of a program's elements: partial (rows, splits, 2)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -145,8 +146,9 @@ def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, per_pro
 
 
 @triton.jit
-def _grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, weight_ptr, dx_ptr, M, C, per_program,
-                       n_splits, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr, AFFINE: tl.constexpr):
+def _instance_norm_grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, weight_ptr, dx_ptr, M, C,
+                                     per_program, n_splits, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                                     AFFINE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     mean = tl.load(mean_ptr + row)
@@ -187,14 +189,15 @@ class InstanceNormTriton(torch.autograd.Function):
         per_program, splits = _geometry(M)
         grid = (rows, splits)
         partial = torch.empty(rows, splits, 3, device=x.device, dtype=torch.float32)
-        _stats_kernel[grid](x, partial, M, per_program, splits, BLOCK=BLOCK, num_warps=WARPS)
+        _instance_norm_stats_kernel[grid](x, partial, M, per_program, splits, BLOCK=BLOCK, num_warps=WARPS)
         y = torch.empty_like(x)
         mean = torch.empty(rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         affine = weight is not None
-        _normalize_kernel[grid](x, partial, weight if affine else mean, bias if affine else mean, y, mean, rstd, M,
-                                channels, per_program, splits, eps, SPLITS_PAD=triton.next_power_of_2(splits),
-                                BLOCK=BLOCK, AFFINE=affine, num_warps=WARPS)
+        _instance_norm_apply_kernel[grid](x, partial, weight if affine else mean, bias if affine else mean, y, mean,
+                                          rstd, M, channels, per_program, splits, eps,
+                                          SPLITS_PAD=triton.next_power_of_2(splits), BLOCK=BLOCK, AFFINE=affine,
+                                          num_warps=WARPS)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.geometry = (per_program, splits)
         return y
@@ -208,12 +211,14 @@ class InstanceNormTriton(torch.autograd.Function):
         rows, M = batch * channels, x[0, 0].numel()
         grid = (rows, splits)
         partial = torch.empty(rows, splits, 2, device=x.device, dtype=torch.float32)
-        _grad_sums_kernel[grid](x, dy, mean, rstd, partial, M, per_program, splits, BLOCK=BLOCK, num_warps=WARPS)
+        _instance_norm_grad_sums_kernel[grid](x, dy, mean, rstd, partial, M, per_program, splits, BLOCK=BLOCK,
+                                              num_warps=WARPS)
         dx = torch.empty_like(x)
         affine = weight is not None
-        _grad_input_kernel[grid](x, dy, mean, rstd, partial, weight if affine else mean, dx, M, channels,
-                                 per_program, splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK=BLOCK,
-                                 AFFINE=affine, num_warps=WARPS)
+        _instance_norm_grad_input_kernel[grid](x, dy, mean, rstd, partial, weight if affine else mean, dx, M,
+                                               channels, per_program, splits,
+                                               SPLITS_PAD=triton.next_power_of_2(splits), BLOCK=BLOCK, AFFINE=affine,
+                                               num_warps=WARPS)
         dweight = dbias = None
         if affine:
             sums = partial.view(batch, channels, splits, 2).sum(dim=(0, 2))
