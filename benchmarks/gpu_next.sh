@@ -17,12 +17,13 @@
 # tests:    every GPU test that is not e2e.
 # networks_norm: GPU tests of the Triton instance norm, then the networks with it (the default) and with torch's
 #           ($NNUNETV2_MAMBA_FAST_NORM=0), automatic scan backend, bf16 mixers.
+# session7: GPU tests + benchmark of the token LayerNorm, profiles (also channels-last), the U-Mamba / LoG networks.
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -164,6 +165,19 @@ case "$what" in
     timeout $((560 - SECONDS)) python3 -m pytest tests -m "gpu and not e2e" -q -rs \
       --deselect tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py > "$out/gpu_tests_rest.log" 2>&1
     tail -n 5 "$out/gpu_tests_rest.log" ;;
+  session7)  # GPU tests of the token LayerNorm and the Mamba layer; its benchmark; the profile (fixed groups) of the
+    # U-Mamba networks with it; the channels-last experiment (cuDNN's layout conversions); the network benchmark
+    timeout 150 python3 -m pytest tests/nnunetv2_mamba/layers/test_token_layer_norm.py \
+      tests/nnunetv2_mamba/layers/test_mamba_gpu.py tests/nnunetv2_mamba/layers/test_precision.py \
+      tests/trainers/test_umamba_gpu.py -m "gpu and not e2e" -q -rs > "$out/gpu_tests_token_norm.log" 2>&1
+    tail -n 3 "$out/gpu_tests_token_norm.log"
+    timeout 60 python3 benchmarks/benchmark_token_norm.py > "$out/token_norm.log" 2>&1; grep "^|" "$out/token_norm.log"
+    timeout 120 python3 benchmarks/profile_network.py --networks PlainConvUNet UMambaEnc UMambaBot \
+      > "$out/profile_networks.log" 2>&1
+    timeout 90 python3 benchmarks/profile_network.py --channels-last --networks PlainConvUNet UMambaBot \
+      > "$out/profile_channels_last.log" 2>&1
+    grep -h "ms of kernels" "$out/profile_networks.log" "$out/profile_channels_last.log"
+    nets="${NETS:-UMambaEnc UMambaBot LoGVMamba}" BENCH_TIMEOUT=$((570 - SECONDS)) bench token_norm ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

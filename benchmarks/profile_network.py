@@ -19,14 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_networks import benchmark_plan, collect_networks, deep_supervision_loss  # noqa: E402
 from profiling import group_times, kernel_table, profile_steps  # noqa: E402
 
-def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int):
-    """Return ({kernel: CUDA ms per step}, peak GiB) of the network's training step."""
+
+def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int, channels_last: bool = False):
+    """Return ({kernel: CUDA ms per step}, peak GiB) of the network's training step (``channels_last``: network
+    and input in channels-last memory format, to see what cuDNN's layout conversions cost)."""
     plan = benchmark_plan(patch_size)
     torch.manual_seed(0)
     network = collect_networks()[name](plan, True).cuda().train()
+    memory_format = (torch.channels_last_3d if len(patch_size) == 3 else torch.channels_last) if channels_last \
+        else torch.contiguous_format
+    network = network.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     scaler = torch.amp.GradScaler("cuda")
-    data = torch.randn(batch, plan.input_channels, *plan.patch_size, device="cuda")
+    data = torch.randn(batch, plan.input_channels, *plan.patch_size, device="cuda").contiguous(
+        memory_format=memory_format)
     target = torch.randint(0, plan.num_classes, (batch, *plan.patch_size), device="cuda")
 
     def step():
@@ -51,6 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--channels-last", action="store_true", help="network and input in channels-last format")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_network.py needs a CUDA GPU.")
@@ -60,8 +67,8 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}, patch {args.patch}, batch {args.batch}, CUDA ms per training "
           f"step ({args.steps} profiled after {args.warmup} warm-up)")
     for name in args.networks:
-        kernels, peak = profile_network(name, args.patch, args.batch, args.steps, args.warmup)
-        print(f"\n{name}: {sum(kernels.values()):.1f} ms of kernels per step, peak {peak:.2f} GiB; by group: "
+        kernels, peak = profile_network(name, args.patch, args.batch, args.steps, args.warmup, args.channels_last)
+        print(f"\n{name}{' (channels last)' if args.channels_last else ''}: {sum(kernels.values()):.1f} ms of kernels per step, peak {peak:.2f} GiB; by group: "
               f"{group_times(kernels)}")
         print(kernel_table(kernels, args.top))
         torch.cuda.empty_cache()
