@@ -18,12 +18,13 @@
 # networks_norm: GPU tests of the Triton instance norm, then the networks with it (the default) and with torch's
 #           ($NNUNETV2_MAMBA_FAST_NORM=0), automatic scan backend, bf16 mixers.
 # session7: GPU tests + benchmark of the token LayerNorm, profiles (also channels-last), the U-Mamba / LoG networks.
+# channels_last: GPU tests of the norms and U-Mamba trainers, profiles, networks with and without channels last.
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -178,6 +179,17 @@ case "$what" in
       > "$out/profile_channels_last.log" 2>&1
     grep -h "ms of kernels" "$out/profile_networks.log" "$out/profile_channels_last.log"
     nets="${NETS:-UMambaEnc UMambaBot LoGVMamba}" BENCH_TIMEOUT=$((570 - SECONDS)) bench token_norm ;;
+  channels_last)  # GPU tests of both instance norms, the token LayerNorm and the U-Mamba trainers (channels last by
+    # default now); profiles; the networks with channels last (the default) and without ($NNUNETV2_MAMBA_CHANNELS_LAST=0)
+    timeout 150 python3 -m pytest tests/nnunetv2_mamba/layers/test_instance_norm.py \
+      tests/nnunetv2_mamba/layers/test_token_layer_norm.py tests/trainers/test_umamba_gpu.py -m "gpu and not e2e" -q \
+      -rs > "$out/gpu_tests_channels_last.log" 2>&1
+    tail -n 3 "$out/gpu_tests_channels_last.log"
+    timeout 100 python3 benchmarks/profile_network.py --networks PlainConvUNet UMambaBot UMambaEnc \
+      > "$out/profile_networks.log" 2>&1
+    grep -h "ms of kernels" "$out/profile_networks.log"
+    nets="${NETS:-UMambaEnc UMambaBot LoGVMamba SegMamba}" BENCH_TIMEOUT=220 bench channels_last
+    nets="UMambaEnc UMambaBot" BENCH_TIMEOUT=$((575 - SECONDS)) bench contiguous NNUNETV2_MAMBA_CHANNELS_LAST=0 ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

@@ -47,7 +47,8 @@ import torch.nn as nn
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_mamba.layers import Mamba, run_mixer
+from nnunetv2_mamba.layers import Mamba, from_tokens, run_mixer
+from nnunetv2_mamba.layers.memory_format import to_network_memory_format
 from nnunetv2_mamba.layers.norm import token_layer_norm
 from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, network_kwargs, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
@@ -139,8 +140,11 @@ class UMambaLayer(nn.Module):
         """Return the mixed map for ``x`` in the mixer precision (patch or channel tokens)."""
         if not self.channel_token:
             # Same as run_on_map(self._mix_tokens, x), without the transposing copies on the GPU: the LayerNorm
-            # reads the map and writes tokens, and the out projection writes the map.
+            # reads the map and writes tokens; the out projection writes the map (channel-major), or, for a
+            # channels-last map, tokens, which are that map's memory layout.
             tokens = token_layer_norm(x.flatten(2), self.norm)
+            if x.stride(1) == 1 and x.shape[1] > 1:  # channels last
+                return from_tokens(self.mamba(tokens), x.shape[2:])
             return self.mamba(tokens, channels_first=True).view(x.shape[0], -1, *x.shape[2:])
         batch, channels, *spatial = x.shape
         n_positions = int(np.prod(spatial))
@@ -362,7 +366,7 @@ class UMambaEnc(nn.Module):
     def forward(self, x: torch.Tensor):
         """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
         _check_input_size("U-Mamba-Enc", x, self.encoder, self.size_tied)
-        return self.decoder(self.encoder(x))
+        return self.decoder(self.encoder(to_network_memory_format(x)))
 
 
 class UMambaBot(nn.Module):
@@ -391,7 +395,7 @@ class UMambaBot(nn.Module):
     def forward(self, x: torch.Tensor):
         """Return logits (B, classes, *S), or a list highest resolution first with deep supervision."""
         _check_input_size("U-Mamba-Bot", x, self.encoder, size_tied=False)  # patch tokens: any divisible size
-        skips = self.encoder(x)
+        skips = self.encoder(to_network_memory_format(x))
         skips[-1] = self.mamba_layer(skips[-1])
         return self.decoder(skips)
 

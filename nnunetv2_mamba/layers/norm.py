@@ -1,7 +1,8 @@
 """Norms that run Triton kernels on the GPU: instance norm (``triton_norm.py``), a drop-in for the plans' norm_op,
 and the Mamba layers' LayerNorm of a channel-major map's tokens (``token_layer_norm``, ``triton_token_norm.py``).
 
-``InstanceNorm3d`` / ``InstanceNorm2d`` subclass torch's, so parameters, state_dict keys and ``isinstance`` checks
+``InstanceNorm3d`` / ``InstanceNorm2d`` (contiguous maps: ``triton_norm.py``; channels-last maps:
+``triton_norm_channels_last.py``) subclass torch's, so parameters, state_dict keys and ``isinstance`` checks
 are unchanged and any checkpoint loads either way; only ``forward`` differs, and only for CUDA tensors (or CPU
 tensors under ``TRITON_INTERPRET=1``, the tests) with the nnU-Net configuration (no running statistics). Everything
 else, CPU inference included, runs ``F.instance_norm`` as before. ``fast_norm_op`` swaps torch's classes for these
@@ -26,6 +27,8 @@ FAST_NORM_ENV_VAR = "NNUNETV2_MAMBA_FAST_NORM"
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+MAX_CHANNELS_LAST_CHANNELS = 1024  # the channels-last kernels hold a program's summary of every channel
 
 
 def fast_norm_enabled() -> bool:
@@ -35,9 +38,10 @@ def fast_norm_enabled() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_function(name: str = "InstanceNormTriton"):
-    """Return a Triton autograd Function (``InstanceNormTriton`` or ``TokenLayerNormTriton``), or None (with the
-    reason logged once) when Triton cannot be imported."""
-    module = "triton_norm" if name == "InstanceNormTriton" else "triton_token_norm"
+    """Return a Triton autograd Function (``InstanceNormTriton``, ``InstanceNormChannelsLastTriton`` or
+    ``TokenLayerNormTriton``), or None (with the reason logged once) when Triton cannot be imported."""
+    module = {"InstanceNormTriton": "triton_norm", "InstanceNormChannelsLastTriton": "triton_norm_channels_last",
+              "TokenLayerNormTriton": "triton_token_norm"}[name]
     try:
         return getattr(importlib.import_module(f"nnunetv2_mamba.layers.{module}"), name)
     except Exception as error:  # no Triton in this torch build: torch's norms everywhere
@@ -65,6 +69,10 @@ def token_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return function.apply(x, norm.weight, norm.bias, norm.eps, dtype)
 
 
+def _contiguous(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
+
+
 class _TritonInstanceNormMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel_axis = 1 if x.dim() == self._get_no_batch_dim() + 1 else 0
@@ -72,10 +80,24 @@ class _TritonInstanceNormMixin:
             raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} has {x.shape[channel_axis]} "
                              f"channels, the layer was built for {self.num_features}; check the plan's "
                              f"features_per_stage against the network's.")
-        function = _triton_function() if (x.is_cuda or triton_interpreting()) else None
-        if (function is None or self.track_running_stats or not x.is_contiguous()
-                or x.dim() != self._get_no_batch_dim() + 1 or x[0, 0].numel() < 2 or x.dtype not in _FLOAT_DTYPES):
-            return super().forward(x)
+        function = None
+        if ((x.is_cuda or triton_interpreting()) and not self.track_running_stats and x.dtype in _FLOAT_DTYPES
+                and x.dim() == self._get_no_batch_dim() + 1 and x[0, 0].numel() >= 2):
+            if x.is_contiguous():
+                function = _triton_function("InstanceNormTriton")
+            elif x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]) and x.shape[1] <= MAX_CHANNELS_LAST_CHANNELS:
+                function = _triton_function("InstanceNormChannelsLastTriton")
+        if function is None:
+            y = super().forward(x)
+            channels_last = _CHANNELS_LAST.get(x.dim())
+            if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+                y = y.contiguous(memory_format=channels_last)  # torch's returns NCDHW: keep the network's layout
+            if y.requires_grad:
+                # torch's CPU instance norm computes a wrong dx from a channels-last gradient (torch 2.14.1: errors
+                # the size of the gradient itself; contiguous ones are right), and a channels-last network hands
+                # it one: make it contiguous on its way in (a no-op for contiguous gradients)
+                y.register_hook(_contiguous)
+            return y
         return function.apply(x, self.weight if self.affine else None, self.bias if self.affine else None, self.eps)
 
 

@@ -257,6 +257,53 @@ def test_deep_supervision_step_leaves_no_parameter_without_grad(variant, plan_na
 
 
 @pytest.mark.parametrize("variant", ["enc", "bot"])
+@pytest.mark.parametrize("plan_name", ["3d_aniso_4", "2d_5"])
+def test_channels_last_run_gives_the_same_outputs_and_gradients(variant, plan_name, monkeypatch):
+    """$NNUNETV2_MAMBA_CHANNELS_LAST=1 runs the maps channels last (on the GPU the default for 3D): its logits and
+    parameter gradients are as close to an fp64 run's as the contiguous fp32 run's are (the conv algorithms differ,
+    so the rounding does), and the maps really are channels last inside."""
+    from nnunetv2_mamba.layers.memory_format import CHANNELS_LAST_ENV_VAR
+
+    torch.manual_seed(0)
+    plan = tiny_plan(plan_name)
+    network = BUILDERS[variant](plan, deep_supervision=True)
+    x = torch.randn(2, plan.input_channels, *plan.patch_size)
+    memory_format = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+    def run(net, inputs):
+        net.zero_grad()
+        seen = []
+        hook = net.encoder.stages[-1].register_forward_hook(lambda m, i, o: seen.append(o))
+        outputs = net(inputs)
+        hook.remove()
+        sum(out.square().mean() for out in outputs).backward()
+        grads = torch.cat([p.grad.flatten() for p in net.parameters()])
+        return torch.cat([o.detach().flatten() for o in outputs]), grads, seen[0]
+
+    monkeypatch.setenv(CHANNELS_LAST_ENV_VAR, "0")
+    reference_out, reference_grads, _ = run(copy.deepcopy(network).double(), x.double())
+    errors = {}
+    for choice in ("0", "1"):
+        monkeypatch.setenv(CHANNELS_LAST_ENV_VAR, choice)
+        out, grads, inside = run(network, x)
+        assert inside.is_contiguous(memory_format=memory_format) == (choice == "1") or inside[0, 0].numel() == 1
+        errors[choice] = [((ours.double() - ref).norm() / ref.norm()).item()
+                          for ours, ref in ((out, reference_out), (grads, reference_grads))]
+    assert errors["0"][0] < 1e-4 and errors["0"][1] < 1e-2, errors  # fp32 rounding, amplified by tiny norms
+    assert all(cl <= 3 * plain + 1e-6 for cl, plain in zip(errors["1"], errors["0"])), errors
+
+
+def test_channels_last_choice_is_validated(monkeypatch):
+    from nnunetv2_mamba.layers.memory_format import CHANNELS_LAST_ENV_VAR, to_network_memory_format
+
+    monkeypatch.setenv(CHANNELS_LAST_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="NNUNETV2_MAMBA_CHANNELS_LAST='yes' is not a choice"):
+        to_network_memory_format(torch.zeros(1, 1, 2, 2, 2))
+    monkeypatch.setenv(CHANNELS_LAST_ENV_VAR, "auto")  # auto: CPU maps stay as they are
+    assert to_network_memory_format(torch.zeros(1, 2, 2, 2, 2)).is_contiguous()
+
+
+@pytest.mark.parametrize("variant", ["enc", "bot"])
 @pytest.mark.parametrize("plan_name", ["3d_aniso_4", "2d_4"])
 def test_state_dict_keys_independent_of_ds_and_round_trip(variant, plan_name, tmp_path):
     plan = tiny_plan(plan_name)

@@ -156,7 +156,8 @@ def test_wrong_shape_says_what_is_wrong():
 
 
 def test_umamba_layer_channel_first_path_matches_tokens_path():
-    """The U-Mamba layer's map path (bmm out projection) gives the token path's values and gradients on the CPU."""
+    """The U-Mamba layer's map path (bmm out projection) and its channels-last path give the token path's values and
+    gradients on the CPU."""
     from nnunetv2_mamba.layers import run_on_map
     from nnunetv2_mamba.network_architectures.umamba import UMambaLayer
 
@@ -164,7 +165,8 @@ def test_umamba_layer_channel_first_path_matches_tokens_path():
     layer = UMambaLayer(8, d_state=4, backend="torch")
     x = torch.randn(2, 8, 4, 3, 5)
     outputs, grads = [], []
-    for mix in (layer, lambda m: run_on_map(layer._mix_tokens, m)):
+    channels_last = lambda m: layer(m.contiguous(memory_format=torch.channels_last_3d))  # noqa: E731
+    for mix in (layer, lambda m: run_on_map(layer._mix_tokens, m), channels_last):
         layer.zero_grad()
         leaf = x.clone().requires_grad_()
         out = mix(leaf)
@@ -172,9 +174,12 @@ def test_umamba_layer_channel_first_path_matches_tokens_path():
         outputs.append(out)
         grads.append([leaf.grad, layer.mamba.out_proj.weight.grad, layer.norm.weight.grad])
     assert outputs[0].shape == x.shape and outputs[0].is_contiguous()
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
-    for ours, theirs in zip(*grads):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # a channels-last map gives a channels-last map (no copy), same values
+    assert outputs[2].is_contiguous(memory_format=torch.channels_last_3d) and not outputs[2].is_contiguous()
+    for other in (1, 2):
+        torch.testing.assert_close(outputs[0], outputs[other], rtol=1e-5, atol=1e-6)
+        for ours, theirs in zip(grads[0], grads[other]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu
