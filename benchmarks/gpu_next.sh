@@ -19,12 +19,13 @@
 #           ($NNUNETV2_MAMBA_FAST_NORM=0), automatic scan backend, bf16 mixers.
 # session7: GPU tests + benchmark of the token LayerNorm, profiles (also channels-last), the U-Mamba / LoG networks.
 # channels_last: GPU tests of the norms and U-Mamba trainers, profiles, networks with and without channels last.
+# final:    non-e2e GPU tests (not the scan file), the networks with and without channels last, U-Mamba-Bot's profile.
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -190,6 +191,18 @@ case "$what" in
     grep -h "ms of kernels" "$out/profile_networks.log"
     nets="${NETS:-UMambaEnc UMambaBot LoGVMamba SegMamba}" BENCH_TIMEOUT=220 bench channels_last
     nets="UMambaEnc UMambaBot" BENCH_TIMEOUT=$((575 - SECONDS)) bench contiguous NNUNETV2_MAMBA_CHANNELS_LAST=0 ;;
+  final)  # the session's last call: every non-e2e GPU test outside the (unchanged) Triton scan file; the networks with
+    # channels last (the default now for U-Mamba, LoG-VMamba and the SegMamba family) and without; U-Mamba-Bot's
+    # profile if time is left
+    timeout 130 python3 -m pytest tests -m "gpu and not e2e" -q -rs \
+      --deselect tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py > "$out/gpu_tests_rest.log" 2>&1
+    tail -n 4 "$out/gpu_tests_rest.log"
+    nets="${NETS:-UMambaEnc UMambaBot LoGVMamba SegMamba}" BENCH_TIMEOUT=230 bench channels_last
+    nets="${NETS_CONTIGUOUS:-UMambaEnc LoGVMamba SegMamba}" BENCH_TIMEOUT=$((520 - SECONDS)) \
+      bench contiguous NNUNETV2_MAMBA_CHANNELS_LAST=0
+    [ $((575 - SECONDS)) -gt 40 ] && timeout $((575 - SECONDS)) python3 benchmarks/profile_network.py \
+      --networks UMambaBot > "$out/profile_networks.log" 2>&1 && grep -h "ms of kernels" "$out/profile_networks.log"
+    true ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

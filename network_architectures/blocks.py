@@ -118,8 +118,48 @@ def residual_stage(conv_op: Type[nn.Module], input_channels: int, output_channel
     return nn.Sequential(first, *rest)
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Return channels last for a 4D / 5D map stored so (and not also contiguous), else the contiguous format."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
+class _NearestUpsample(torch.autograd.Function):
+    """Nearest-neighbour upsampling by integer factors that keeps the map's memory format, forward and backward.
+
+    torch's CUDA upsample_nearest3d writes a channels-last result through a contiguous temporary and returns a
+    contiguous gradient, so a channels-last network gets a strided copy and mixed layouts around every decoder
+    stage. Here the output is a broadcasting copy into an (B, C, D, fd, H, fh, W, fw) view of the output (one
+    kernel, the output's own layout) and the gradient is the sum over the factor axes of the same view.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factors):
+        batch, channels, *spatial = x.shape
+        memory_format = _memory_format(x)
+        out = torch.empty(batch, channels, *(size * factor for size, factor in zip(spatial, factors)),
+                          dtype=x.dtype, device=x.device, memory_format=memory_format)
+        split = [batch, channels] + [v for size, factor in zip(spatial, factors) for v in (size, factor)]
+        out.view(split).copy_(x[(slice(None), slice(None)) + (slice(None), None) * len(spatial)])
+        ctx.split, ctx.memory_format = split, memory_format
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        factor_axes = tuple(3 + 2 * i for i in range((len(ctx.split) - 2) // 2))
+        return grad.reshape(ctx.split).sum(dim=factor_axes).contiguous(memory_format=ctx.memory_format), None
+
+
 class UpsampleLayer(nn.Module):
-    """Interpolate by an integer factor per axis, then a biased 1x1 conv (input -> output channels)."""
+    """Interpolate by an integer factor per axis, then a biased 1x1 conv (input -> output channels).
+
+    Computed as the 1x1 conv first, then the interpolation: the same function (a per-voxel affine map commutes with
+    nearest and linear interpolation, whose weights sum to one), on 1 / prod(scale) of the voxels, and the
+    interpolation then moves output_channels (half the input's in the decoders) instead of input_channels.
+    Nearest upsampling by integer factors keeps channels-last maps channels last (``_NearestUpsample``).
+    """
 
     def __init__(self, conv_op: Type[nn.Module], input_channels: int, output_channels: int,
                  scale_factor: IntOrSeq, mode: str = "nearest"):
@@ -130,8 +170,10 @@ class UpsampleLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the upsampled map (B, output_channels, *S * scale)."""
-        x = F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode)
-        return self.conv(x)
+        x = self.conv(x)
+        if self.mode == "nearest" and all(s.is_integer() and s >= 1 for s in self.scale_factor):
+            return _NearestUpsample.apply(x, tuple(int(s) for s in self.scale_factor))
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode)
 
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}, mode={self.mode!r}"

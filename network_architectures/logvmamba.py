@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op
 
+from nnunetv2_mamba.layers.memory_format import to_network_memory_format
 from nnunetv2_mamba.network_architectures.blocks import BasicResBlock, UpsampleLayer, init_he, network_kwargs, residual_stage
 from nnunetv2_mamba.network_architectures.logvmamba_geometry import logvmamba_topology
 from nnunetv2_mamba.network_architectures.logvmamba_mixers import LoGMambaLayer
@@ -139,7 +140,7 @@ class LoGVMamba(nn.Module):
                              f"spatial size {list(x.shape[2:])} (its global tokens are tied to the patch size); feed "
                              f"patches of size {list(self.input_size)} (nnU-Net's predictor does) or build the "
                              f"network from a plan with the new patch size.")
-        skips, stem_output = self.encoder.forward_with_stem(x)
+        skips, stem_output = self.encoder.forward_with_stem(to_network_memory_format(x))
         decoded = self.decoder(skips)
         out = stem_output + self.upsample(decoded)
         return self.seg_layer(self.conv(out))

@@ -27,6 +27,7 @@ from dynamic_network_architectures.building_blocks.unet_residual_decoder import 
 
 from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_mixer,
                                    run_on_map)
+from nnunetv2_mamba.layers.memory_format import to_network_memory_format
 from nnunetv2_mamba.network_architectures.blocks import init_he, network_kwargs
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
@@ -238,7 +239,7 @@ class TamingMambaUNet(nn.Module):
         if x.dim() != self.dim + 2 or x.shape[1] != self.input_channels:
             raise ValueError(f"{type(self).__name__} expects input (B, {self.input_channels}, "
                              f"{', '.join(['S'] * self.dim)}); got shape {tuple(x.shape)}.")
-        return self.decoder(self.encoder(x))
+        return self.decoder(self.encoder(to_network_memory_format(x)))
 
 
 class SegMamba(TamingMambaUNet):

@@ -35,7 +35,7 @@ def _tile(x_ptr, batch, start, end, M, C, BLOCK_M: tl.constexpr, C_PAD: tl.const
 
 
 @triton.jit
-def _cl_stats_kernel(x_ptr, partial_ptr, M, C, per_program, n_splits, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr):
+def _norm_cl_stats_kernel(x_ptr, partial_ptr, M, C, per_program, n_splits, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr):
     """(count, mean, M2) per channel of a program's positions: partial (B, splits, 3, C)."""
     batch = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -71,7 +71,7 @@ def _cl_partials(partial_ptr, batch, n_splits, C, fields: tl.constexpr, field: t
 
 
 @triton.jit
-def _cl_apply_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, per_program,
+def _norm_cl_apply_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, per_program,
                      n_splits, eps, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr,
                      AFFINE: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
@@ -98,7 +98,7 @@ def _cl_apply_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, 
 
 
 @triton.jit
-def _cl_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, C, per_program, n_splits,
+def _norm_cl_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, C, per_program, n_splits,
                          BLOCK_M: tl.constexpr, C_PAD: tl.constexpr):
     """(sum dy, sum dy xhat) per channel of a program's positions: partial (B, splits, 2, C)."""
     batch = tl.program_id(0).to(tl.int64)
@@ -121,7 +121,7 @@ def _cl_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, C, p
 
 
 @triton.jit
-def _cl_grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, weight_ptr, dx_ptr, M, C, per_program,
+def _norm_cl_grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, weight_ptr, dx_ptr, M, C, per_program,
                           n_splits, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr,
                           AFFINE: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
@@ -172,13 +172,13 @@ class InstanceNormChannelsLastTriton(torch.autograd.Function):
         block_m, channels_pad, per_program, splits = _geometry(M, channels)
         grid = (batch, splits)
         partial = torch.empty(batch, splits, 3, channels, device=x.device, dtype=torch.float32)
-        _cl_stats_kernel[grid](x, partial, M, channels, per_program, splits, BLOCK_M=block_m, C_PAD=channels_pad,
+        _norm_cl_stats_kernel[grid](x, partial, M, channels, per_program, splits, BLOCK_M=block_m, C_PAD=channels_pad,
                                num_warps=WARPS)
         y = torch.empty_like(x)  # keeps x's channels-last strides
         mean = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         affine = weight is not None
-        _cl_apply_kernel[grid](x, partial, weight if affine else mean, bias if affine else mean, y, mean, rstd, M,
+        _norm_cl_apply_kernel[grid](x, partial, weight if affine else mean, bias if affine else mean, y, mean, rstd, M,
                                channels, per_program, splits, eps, SPLITS_PAD=triton.next_power_of_2(splits),
                                BLOCK_M=block_m, C_PAD=channels_pad, AFFINE=affine, num_warps=WARPS)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -193,11 +193,11 @@ class InstanceNormChannelsLastTriton(torch.autograd.Function):
         block_m, channels_pad, per_program, splits = _geometry(M, channels)
         grid = (batch, splits)
         partial = torch.empty(batch, splits, 2, channels, device=x.device, dtype=torch.float32)
-        _cl_grad_sums_kernel[grid](x, dy, mean, rstd, partial, M, channels, per_program, splits, BLOCK_M=block_m,
+        _norm_cl_grad_sums_kernel[grid](x, dy, mean, rstd, partial, M, channels, per_program, splits, BLOCK_M=block_m,
                                    C_PAD=channels_pad, num_warps=WARPS)
         dx = torch.empty_like(x)
         affine = weight is not None
-        _cl_grad_input_kernel[grid](x, dy, mean, rstd, partial, weight if affine else mean, dx, M, channels,
+        _norm_cl_grad_input_kernel[grid](x, dy, mean, rstd, partial, weight if affine else mean, dx, M, channels,
                                     per_program, splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_M=block_m,
                                     C_PAD=channels_pad, AFFINE=affine, num_warps=WARPS)
         dweight = dbias = None

@@ -16,8 +16,8 @@ the first projection's cast of those fp32 tokens to bf16: three passes, the midd
 torch's LayerNorm kernels give each token of 32 channels (U-Mamba's stage 0) a warp of its own. Here a program reads
 a (C, tokens) tile of the map, coalesced along the tokens, and writes the normalised (tokens, C) tile straight in the
 dtype the projection reads (bf16 under the bf16 mixer policy: the value the cast would have given). The backward
-reads the tokens' gradient and the map, writes dx in the map's layout and dtype, and per-program partial sums of
-dweight and dbias (summed in torch). Arithmetic is fp32; the forward keeps x and the per-token mean / rstd.
+reads the tokens' gradient and the map, writes dx in the map's layout (channel-major or channels last) and dtype,
+and per-program partial sums of dweight and dbias (summed in torch). Arithmetic is fp32; the forward keeps x and the per-token mean / rstd.
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def _token_norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rst
 
 @triton.jit
 def _token_norm_backward_kernel(x_ptr, dy_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, L, C, stride_xb,
-                                stride_xc, stride_xl, stride_dyb, stride_dyl, stride_dyc, n_blocks,
+                                stride_xc, stride_xl, stride_dyb, stride_dyl, stride_dyc, stride_dxb, stride_dxc,
+                                stride_dxl, n_blocks,
                                 BLOCK_L: tl.constexpr, C_PAD: tl.constexpr, AFFINE: tl.constexpr):
     block = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -85,8 +86,9 @@ def _token_norm_backward_kernel(x_ptr, dy_ptr, weight_ptr, mean_ptr, rstd_ptr, d
     mean_g = tl.sum(g, axis=0) / C
     mean_g_xhat = tl.sum(g * xhat, axis=0) / C
     dx = rstd[None, :] * (g - mean_g[None, :] - xhat * mean_g_xhat[None, :])
-    # dx is (B, C, L) contiguous, like the map it is the gradient of
-    tl.store(dx_ptr + (batch * C + channels) * L + tokens, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    # dx has the map's layout (channel-major, or channels last: then (tokens, C) tiles are contiguous)
+    tl.store(dx_ptr + batch * stride_dxb + channels * stride_dxc + tokens * stride_dxl, dx.to(dx_ptr.dtype.element_ty),
+             mask=mask)
     if AFFINE:
         partial = partial_ptr + ((batch * n_blocks + block) * 2) * C + tl.arange(0, C_PAD)
         in_range = tl.arange(0, C_PAD) < C
@@ -130,10 +132,11 @@ class TokenLayerNormTriton(torch.autograd.Function):
         block_l, channels_pad, warps = _geometry(channels)
         n_blocks = triton.cdiv(length, block_l)
         affine = weight is not None
-        dx = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
+        dx = torch.empty_like(x)  # x's strides when they are dense (a channels-last map's), else contiguous
         partial = torch.empty(batch * n_blocks if affine else 1, 2, channels, device=x.device, dtype=torch.float32)
         _token_norm_backward_kernel[(n_blocks, batch)](x, dy, weight if affine else mean, mean, rstd, dx, partial,
-                                                       length, channels, *x.stride(), *dy.stride(), n_blocks,
+                                                       length, channels, *x.stride(), *dy.stride(), *dx.stride(),
+                                                       n_blocks,
                                                        BLOCK_L=block_l, C_PAD=channels_pad, AFFINE=affine,
                                                        num_warps=warps)
         dweight = dbias = None

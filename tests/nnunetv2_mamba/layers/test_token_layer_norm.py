@@ -66,6 +66,7 @@ def run_case(batch, channels, length, dtype_name, autocast_name, affine, transpo
 
     from nnunetv2_mamba.layers import triton_token_norm
     result = {"tokens": error(tokens, expected), "dx": error(leaf.grad, reference.grad),
+              "dx_layout": list(leaf.grad.stride()) == list(leaf.stride()),
               "dtypes": [str(tokens.dtype), str(leaf.grad.dtype)], "contiguous": tokens.is_contiguous(),
               "programs": -(-length // triton_token_norm._geometry(channels)[0]), "fn": type(tokens.grad_fn).__name__}
     if affine:
@@ -123,6 +124,7 @@ def test_interpreted_kernels_match_fp64_layer_norm(interpreted_results, index):
     out_dtype = autocast or dtype
     assert result.pop("dtypes") == [str(DTYPES[out_dtype]), str(DTYPES[dtype])], result
     assert result.pop("contiguous") and result.pop("fn") == "TokenLayerNormTritonBackward", result
+    assert result.pop("dx_layout"), result  # dx has the map's strides (the transposed case: channels last)
     assert result.pop("programs") > 2, result  # the tokens really were split over programs
     # fp32: x - mean carries the mean's rounding, |mean| / std times fp32's epsilon relative to xhat; bf16 tokens or
     # gradients: bf16 rounding
