@@ -140,6 +140,27 @@ def _check_mixer_precision(report: Report, device: str) -> None:
     else:
         report.ok("fp32 with autocast off (this GPU has no bf16, or "
                   f"{MIXER_DTYPE_ENV_VAR}=fp32)")
+    _check_memory_format(report, device)
+
+
+def _check_memory_format(report: Report, device: str) -> None:
+    """Report the memory format the networks' feature maps run in here (docs/DECISIONS.md, channels last)."""
+    from nnunetv2_mamba.layers.memory_format import CHANNELS_LAST_ENV_VAR, requested_channels_last
+
+    report.section("Feature-map memory format")
+    try:
+        choice = requested_channels_last()
+    except ValueError as error:
+        report.problem(str(error), f"unset {CHANNELS_LAST_ENV_VAR} or set it to auto, 0 or 1")
+        return
+    if choice == "0":
+        report.ok(f"contiguous (NCDHW) everywhere ({CHANNELS_LAST_ENV_VAR}=0)")
+    elif choice == "1":
+        report.ok(f"channels last for 2D and 3D maps on every device ({CHANNELS_LAST_ENV_VAR}=1)")
+    elif device == "cuda":
+        report.ok("channels last for 3D maps (cuDNN's own layout), contiguous for 2D")
+    else:
+        report.ok("contiguous (channels last is used for 3D maps on a GPU)")
 
 
 _LOOKUP_SNIPPET = (

@@ -72,6 +72,18 @@ def test_doctor_reports_the_mixer_precision_and_a_bad_setting(monkeypatch, capsy
     assert "[FAIL] $NNUNETV2_MAMBA_MIXER_DTYPE='fp16' is not a mixer precision" in out
 
 
+def test_doctor_reports_the_memory_format_and_a_bad_setting(monkeypatch, capsys):
+    monkeypatch.delenv("NNUNETV2_MAMBA_CHANNELS_LAST", raising=False)
+    cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert "Feature-map memory format" in out and "contiguous (channels last is used for 3D maps on a GPU)" in out
+    monkeypatch.setenv("NNUNETV2_MAMBA_CHANNELS_LAST", "yes")
+    code = cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] $NNUNETV2_MAMBA_CHANNELS_LAST='yes' is not a choice" in out
+
+
 def test_console_script_is_installed_and_reports_bad_arguments():
     completed = subprocess.run([sys.executable, "-m", "nnunetv2_mamba.cli", "demo", "--epochs", "0"],
                                capture_output=True, text=True)
