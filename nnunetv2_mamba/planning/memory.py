@@ -54,9 +54,12 @@ PLANNING_MARGIN = 0.15
 #: network_architectures/vivim.py).
 PROBE_IN_PLANE_MULTIPLE = {family: math.prod(MIT_B3["patch_strides"]) for family in ("Vivim", "Vivim (ST-Mamba v3)")}
 #: Factors with the mixers in fp32 (``$NNUNETV2_MAMBA_MIXER_DTYPE=fp32``, GPUs without bf16): fitted to one
-#: point per family, the 128^3 / batch-2 peaks of 2026-11-23 (``calibrate_memory.py --derive``).
+#: point per family, the 128^3 / batch-2 peaks of 2026-11-23 (``calibrate_memory.py --derive``). U-Mamba-Enc/Bot and
+#: LoG-VMamba re-derived on 2026-12-03 from the same peaks with the probe of the decoders that run their 1x1 conv
+#: before the interpolation (fewer saved bytes): the peaks of that code are lower (bf16 mixers, 128^3: U-Mamba-Bot
+#: 9.25 -> 8.09 GiB, BENCHMARKS.md 2026-12-03), so these three over-estimate until the fp32 peaks are re-measured.
 FP32_MIXER_FACTORS: Dict[str, float] = {
-    "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.7852, "U-Mamba-Bot": 0.5847, "LoG-VMamba": 0.6934,
+    "PlainConvUNet": 0.6416, "U-Mamba-Enc": 0.829, "U-Mamba-Bot": 0.6417, "LoG-VMamba": 0.7432,
     "SegMamba": 0.7703, "BiSegMamba": 0.758, "MultiSegMamba": 0.4934, "SegMambaSkip": 0.7625,
     "Vivim": 0.8168, "Vivim (ST-Mamba v3)": 1.0377,
 }
