@@ -63,8 +63,15 @@ from nnunetv2_mamba.layers import triton_token_norm as ttn  # noqa: E402
 
 kernels["token_norm_fwd"] = (ttn._token_norm_forward_kernel, dict(BLOCK_L=128, C_PAD=32, AFFINE=True))
 kernels["token_norm_bwd"] = (ttn._token_norm_backward_kernel, dict(BLOCK_L=128, C_PAD=32, AFFINE=True))
+from nnunetv2_mamba.layers import triton_norm_channels_last as tncl  # noqa: E402
+
+kernels["norm_cl_stats"] = (tncl._norm_cl_stats_kernel, dict(BLOCK_M=64, C_PAD=32))
+kernels["norm_cl_apply"] = (tncl._norm_cl_apply_kernel, dict(SPLITS_PAD=256, BLOCK_M=64, C_PAD=32, AFFINE=True))
+kernels["norm_cl_gsums"] = (tncl._norm_cl_grad_sums_kernel, dict(BLOCK_M=64, C_PAD=32))
+kernels["norm_cl_gin"] = (tncl._norm_cl_grad_input_kernel, dict(SPLITS_PAD=256, BLOCK_M=64, C_PAD=32, AFFINE=True))
 # triton_conv launches with Triton's default; the norm with its WARPS; the scan kernels with 1
 warps = {"conv_fwd": 4, "conv_bwd": 4, "token_norm_fwd": 4, "token_norm_bwd": 4, **{name: tnorm.WARPS for name in kernels if name.startswith("norm_")}}
+warps.update({name: tncl.WARPS for name in kernels if name.startswith("norm_cl_")})
 tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 print(f"triton {triton.__version__}, sm_90")
 for name, (fn, consts) in kernels.items():

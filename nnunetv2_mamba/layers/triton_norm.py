@@ -58,6 +58,17 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
+def _welford_step(count, mean, m2, x, inside):
+    """Add x to per-lane Welford summaries (count, mean, M2) where ``inside``: every lane adds at most one element
+    per tile."""
+    count_new = count + tl.where(inside, 1.0, 0.0)
+    delta = tl.where(inside, x - mean, 0.0)
+    mean += delta / tl.where(count_new > 0, count_new, 1.0)
+    m2 += delta * tl.where(inside, x - mean, 0.0)
+    return count_new, mean, m2
+
+
+@triton.jit
 def _instance_norm_stats_kernel(x_ptr, partial_ptr, M, per_program, n_splits, BLOCK: tl.constexpr):
     """(count, mean, M2) of elements [split * per_program, +per_program) of row r: partial (rows, splits, 3)."""
     row = tl.program_id(0).to(tl.int64)
@@ -71,12 +82,7 @@ def _instance_norm_stats_kernel(x_ptr, partial_ptr, M, per_program, n_splits, BL
         offs = start + lanes
         inside = offs < end
         x = _load_row(x_ptr, row, M, offs, inside)
-        # Welford per lane: every lane adds at most one element per tile
-        count_new = count + tl.where(inside, 1.0, 0.0)
-        delta = tl.where(inside, x - mean, 0.0)
-        mean += delta / tl.where(count_new > 0, count_new, 1.0)
-        m2 += delta * tl.where(inside, x - mean, 0.0)
-        count = count_new
+        count, mean, m2 = _welford_step(count, mean, m2, x, inside)
     count, mean, m2 = tl.reduce((count, mean, m2), 0, _chan_merge)
     out = partial_ptr + (row * n_splits + split) * 3
     tl.store(out, count)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nnunetv2_mamba.layers.triton_norm import _chan_merge, _span
+from nnunetv2_mamba.layers.triton_norm import _chan_merge, _span, _welford_step
 
 TILE_ELEMENTS = 2048  # positions x channels per tile (4 warps: 16 per thread)
 WARPS = 4
@@ -45,12 +45,7 @@ def _norm_cl_stats_kernel(x_ptr, partial_ptr, M, C, per_program, n_splits, BLOCK
     begin, end = _span(split, per_program, M)
     for start in range(begin, end, BLOCK_M):
         x, _, mask = _tile(x_ptr, batch, start, end, M, C, BLOCK_M, C_PAD)
-        # Welford per (lane, channel): every lane adds at most one position per tile
-        count_new = count + tl.where(mask, 1.0, 0.0)
-        delta = tl.where(mask, x - mean, 0.0)
-        mean += delta / tl.where(count_new > 0, count_new, 1.0)
-        m2 += delta * tl.where(mask, x - mean, 0.0)
-        count = count_new
+        count, mean, m2 = _welford_step(count, mean, m2, x, mask)  # per (lane, channel)
     count, mean, m2 = tl.reduce((count, mean, m2), 0, _chan_merge)
     channels = tl.arange(0, C_PAD)
     out = partial_ptr + (batch * n_splits + split) * 3 * C + channels
@@ -72,8 +67,8 @@ def _cl_partials(partial_ptr, batch, n_splits, C, fields: tl.constexpr, field: t
 
 @triton.jit
 def _norm_cl_apply_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, per_program,
-                     n_splits, eps, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr,
-                     AFFINE: tl.constexpr):
+                          n_splits, eps, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr,
+                          AFFINE: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     count, mean, m2 = tl.reduce((_cl_partials(partial_ptr, batch, n_splits, C, 3, 0, SPLITS_PAD, C_PAD),
@@ -98,15 +93,22 @@ def _norm_cl_apply_kernel(x_ptr, partial_ptr, weight_ptr, bias_ptr, y_ptr, mean_
 
 
 @triton.jit
-def _norm_cl_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, C, per_program, n_splits,
-                         BLOCK_M: tl.constexpr, C_PAD: tl.constexpr):
-    """(sum dy, sum dy xhat) per channel of a program's positions: partial (B, splits, 2, C)."""
-    batch = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+def _cl_saved_stats(mean_ptr, rstd_ptr, batch, C, C_PAD: tl.constexpr):
+    """Return (channel offsets, their mask, mean, rstd) of batch element ``batch``, as the forward saved them."""
     channels = tl.arange(0, C_PAD)
     inside = channels < C
     mean = tl.load(mean_ptr + batch * C + channels, mask=inside, other=0.0)
     rstd = tl.load(rstd_ptr + batch * C + channels, mask=inside, other=0.0)
+    return channels, inside, mean, rstd
+
+
+@triton.jit
+def _norm_cl_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M, C, per_program, n_splits,
+                              BLOCK_M: tl.constexpr, C_PAD: tl.constexpr):
+    """(sum dy, sum dy xhat) per channel of a program's positions: partial (B, splits, 2, C)."""
+    batch = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    channels, inside, mean, rstd = _cl_saved_stats(mean_ptr, rstd_ptr, batch, C, C_PAD)
     sum_dy = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
     sum_dy_xhat = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
     begin, end = _span(split, per_program, M)
@@ -122,14 +124,11 @@ def _norm_cl_grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, M,
 
 @triton.jit
 def _norm_cl_grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, weight_ptr, dx_ptr, M, C, per_program,
-                          n_splits, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr,
-                          AFFINE: tl.constexpr):
+                               n_splits, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr,
+                               AFFINE: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    channels = tl.arange(0, C_PAD)
-    inside = channels < C
-    mean = tl.load(mean_ptr + batch * C + channels, mask=inside, other=0.0)
-    rstd = tl.load(rstd_ptr + batch * C + channels, mask=inside, other=0.0)
+    channels, inside, mean, rstd = _cl_saved_stats(mean_ptr, rstd_ptr, batch, C, C_PAD)
     w = tl.full([C_PAD], 1.0, tl.float32)
     if AFFINE:
         w = tl.load(weight_ptr + channels, mask=inside, other=0.0).to(tl.float32)
