@@ -4,7 +4,8 @@
 - ``residual_stage``: one resolution level = ``BasicResBlock`` (carries the stride / channel change) followed by
   ``n_blocks - 1`` dynamic_network_architectures ``BasicBlockD`` (ResNet-D) blocks, as an ``nn.Sequential`` so
   that state_dict keys read ``<stage>.0.conv1.weight``, ``<stage>.1.conv1.conv.weight``, like the reference.
-- ``UpsampleLayer``: interpolation followed by a 1x1 conv (not a transposed conv).
+- ``UpsampleLayer``: interpolation followed by a 1x1 conv (not a transposed conv), computed as the conv first (the same
+  function on fewer voxels).
 - ``init_he``: the initialisation rule of the conv networks (nnU-Net's ``InitWeights_He(1e-2)`` on the whole
   model, called at the end of every network's ``__init__``).
 - ``network_kwargs``: a plan's constructor keywords as the builders pass them (torch's instance norm replaced by
