@@ -4,9 +4,10 @@ and the Mamba layers' LayerNorm of a channel-major map's tokens (``token_layer_n
 ``InstanceNorm3d`` / ``InstanceNorm2d`` (contiguous maps: ``triton_norm.py``; channels-last maps:
 ``triton_norm_channels_last.py``) subclass torch's, so parameters, state_dict keys and ``isinstance`` checks
 are unchanged and any checkpoint loads either way; only ``forward`` differs, and only for CUDA tensors (or CPU
-tensors under ``TRITON_INTERPRET=1``, the tests) with the nnU-Net configuration (no running statistics). Everything
-else, CPU inference included, runs ``F.instance_norm`` as before. ``fast_norm_op`` swaps torch's classes for these
-when a network is built; $NNUNETV2_MAMBA_FAST_NORM=0 keeps torch's (for comparisons), for both norms.
+tensors under ``TRITON_INTERPRET=1`` with ``$NNUNETV2_MAMBA_FAST_NORM=1``, the kernel tests) with the nnU-Net
+configuration (no running statistics). Everything else, CPU inference included, runs ``F.instance_norm`` as before.
+``fast_norm_op`` swaps torch's classes for these when a network is built; $NNUNETV2_MAMBA_FAST_NORM=0 keeps torch's
+(for comparisons), for both norms.
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def fast_norm_enabled() -> bool:
     return os.environ.get(FAST_NORM_ENV_VAR, "1") not in ("0", "")
 
 
+def _runs_triton(x: torch.Tensor) -> bool:
+    """Return whether the norm kernels run for ``x``: CUDA tensors, or CPU tensors in Triton's interpreter when
+    $NNUNETV2_MAMBA_FAST_NORM=1 says so explicitly (the kernel tests). The interpreter runs the norms' reductions
+    in Python, seconds per call (10 s for a 16 x 8^3 map): a network run under TRITON_INTERPRET=1 to check the
+    scan kernels' logic takes torch's norms unless asked."""
+    if x.is_cuda:
+        return True
+    return triton_interpreting() and x.device.type == "cpu" and os.environ.get(FAST_NORM_ENV_VAR, "") == "1"
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_function(name: str = "InstanceNormTriton"):
     """Return a Triton autograd Function (``InstanceNormTriton``, ``InstanceNormChannelsLastTriton`` or
@@ -59,7 +70,7 @@ def token_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     if x.dim() != 3 or tuple(norm.normalized_shape) != (x.shape[1],):
         raise ValueError(f"token_layer_norm needs a (batch, channels, tokens) map with {tuple(norm.normalized_shape)} "
                          f"channels for this LayerNorm; got shape {tuple(x.shape)}.")
-    function = _triton_function("TokenLayerNormTriton") if (x.is_cuda or triton_interpreting()) else None
+    function = _triton_function("TokenLayerNormTriton") if _runs_triton(x) else None
     if (function is None or not fast_norm_enabled() or x.dtype not in _FLOAT_DTYPES or x.shape[2] == 0
             or x.shape[1] > function.max_channels or (norm.weight is None) != (norm.bias is None)):
         return norm(x.transpose(1, 2))
@@ -81,7 +92,7 @@ class _TritonInstanceNormMixin:
                              f"channels, the layer was built for {self.num_features}; check the plan's "
                              f"features_per_stage against the network's.")
         function = None
-        if ((x.is_cuda or triton_interpreting()) and not self.track_running_stats and x.dtype in _FLOAT_DTYPES
+        if (_runs_triton(x) and not self.track_running_stats and x.dtype in _FLOAT_DTYPES
                 and x.dim() == self._get_no_batch_dim() + 1 and x[0, 0].numel() >= 2):
             if x.is_contiguous():
                 function = _triton_function("InstanceNormTriton")
