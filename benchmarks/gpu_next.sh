@@ -20,12 +20,14 @@
 # session7: GPU tests + benchmark of the token LayerNorm, profiles (also channels-last), the U-Mamba / LoG networks.
 # channels_last: GPU tests of the norms and U-Mamba trainers, profiles, networks with and without channels last.
 # final:    non-e2e GPU tests (not the scan file), the networks with and without channels last, U-Mamba-Bot's profile.
+# recalibrate: the memory calibration points of U-Mamba-Enc/Bot and LoG-VMamba (stale since 2026-12-03), both
+#           mixer policies.
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -203,6 +205,16 @@ case "$what" in
     [ $((575 - SECONDS)) -gt 40 ] && timeout $((575 - SECONDS)) python3 benchmarks/profile_network.py \
       --networks UMambaBot > "$out/profile_networks.log" 2>&1 && grep -h "ms of kernels" "$out/profile_networks.log"
     true ;;
+  recalibrate)  # for the next session: the memory points the 2026-12-03 decoder / channels-last changes made stale
+    # (DECISIONS.md, "Stale points"): U-Mamba-Enc/Bot and LoG-VMamba at three patches of both topologies (bf16
+    # mixers), two streams; then their 128^3 peaks with fp32 mixers (what FP32_MIXER_FACTORS is fitted to)
+    (cal 400 cal_recal_iso.log isotropic --networks UMambaEnc UMambaBot LoGVMamba --patches 64 96 128) &
+    (cal 400 cal_recal_aniso.log anisotropic --networks UMambaEnc UMambaBot LoGVMamba \
+       --patch-sizes 16x128x128 24x192x192 32x256x256) &
+    wait
+    grep -h "estimate" "$out"/cal_recal_*.log
+    nets="UMambaEnc UMambaBot LoGVMamba" BENCH_TIMEOUT=$((570 - SECONDS)) bench fp32_mixers \
+      NNUNETV2_MAMBA_MIXER_DTYPE=fp32 ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;
