@@ -156,7 +156,7 @@ def _check_memory_format(report: Report, device: str) -> None:
     if choice == "0":
         report.ok(f"contiguous (NCDHW) everywhere ({CHANNELS_LAST_ENV_VAR}=0)")
     elif choice == "1":
-        report.ok(f"channels last for 2D and 3D maps on every device ({CHANNELS_LAST_ENV_VAR}=1)")
+        report.ok(f"channels last for 2D and 3D maps on a GPU, 3D maps on the CPU ({CHANNELS_LAST_ENV_VAR}=1)")
     elif device == "cuda":
         report.ok("channels last for 3D maps (cuDNN's own layout), contiguous for 2D")
     else:
