@@ -26,10 +26,10 @@ DEFAULT_SHAPES = ["2x32x2097152", "2x64x262144", "2x128x32768", "2x320x512"]
 
 
 def step(norm: nn.LayerNorm, x: torch.Tensor, grad: torch.Tensor, fast: bool):
-    """Return a function running one forward + backward of the LayerNorm and the bf16 cast the projection does."""
-    os.environ[FAST_NORM_ENV_VAR] = "1" if fast else "0"
-
+    """Return a function running one forward + backward of the LayerNorm and the bf16 cast the projection does
+    (torch's path, or with ``fast`` the Triton kernels)."""
     def run():
+        os.environ[FAST_NORM_ENV_VAR] = "1" if fast else "0"  # token_layer_norm reads it per call
         with torch.autocast("cuda", dtype=torch.bfloat16):
             tokens = token_layer_norm(x, norm).to(torch.bfloat16)  # a no-op for the Triton path's bf16 tokens
         tokens.backward(grad)

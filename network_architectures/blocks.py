@@ -25,6 +25,7 @@ from dynamic_network_architectures.building_blocks.helper import maybe_convert_s
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
+from nnunetv2_mamba.layers.memory_format import channels_last_format, is_channels_last
 from nnunetv2_mamba.layers.norm import fast_norm_op
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -119,14 +120,6 @@ def residual_stage(conv_op: Type[nn.Module], input_channels: int, output_channel
     return nn.Sequential(first, *rest)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """Return channels last for a 4D / 5D map stored so (and not also contiguous), else the contiguous format."""
-    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
-        return channels_last
-    return torch.contiguous_format
-
-
 class _NearestUpsample(torch.autograd.Function):
     """Nearest-neighbour upsampling by integer factors that keeps the map's memory format, forward and backward.
 
@@ -139,7 +132,7 @@ class _NearestUpsample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, factors):
         batch, channels, *spatial = x.shape
-        memory_format = _memory_format(x)
+        memory_format = channels_last_format(x) if is_channels_last(x) else torch.contiguous_format
         out = torch.empty(batch, channels, *(size * factor for size, factor in zip(spatial, factors)),
                           dtype=x.dtype, device=x.device, memory_format=memory_format)
         split = [batch, channels] + [v for size, factor in zip(spatial, factors) for v in (size, factor)]

@@ -48,7 +48,7 @@ import torch.nn as nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunetv2_mamba.layers import Mamba, from_tokens, run_mixer
-from nnunetv2_mamba.layers.memory_format import to_network_memory_format
+from nnunetv2_mamba.layers.memory_format import is_channels_last, to_network_memory_format
 from nnunetv2_mamba.layers.norm import token_layer_norm
 from nnunetv2_mamba.network_architectures.blocks import UpsampleLayer, init_he, network_kwargs, residual_stage
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
@@ -143,7 +143,7 @@ class UMambaLayer(nn.Module):
             # reads the map and writes tokens; the out projection writes the map (channel-major), or, for a
             # channels-last map, tokens, which are that map's memory layout.
             tokens = token_layer_norm(x.flatten(2), self.norm)
-            if x.stride(1) == 1 and x.shape[1] > 1:  # channels last
+            if is_channels_last(x):
                 return from_tokens(self.mamba(tokens), x.shape[2:])
             return self.mamba(tokens, channels_first=True).view(x.shape[0], -1, *x.shape[2:])
         batch, channels, *spatial = x.shape

@@ -17,12 +17,25 @@ random trials; 3D convs were right in all 400), and U-Mamba's residual blocks ha
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
 CHANNELS_LAST_ENV_VAR = "NNUNETV2_MAMBA_CHANNELS_LAST"
 CHANNELS_LAST_CHOICES = ("auto", "0", "1")
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def channels_last_format(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """Return the channels-last memory format of a 4D / 5D tensor (None for other ranks)."""
+    return _FORMATS.get(x.dim())
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Return whether the 4D / 5D map ``x`` is stored channels last and not also contiguous (a map with one channel
+    or one position is both, and then counts as contiguous)."""
+    memory_format = channels_last_format(x)
+    return memory_format is not None and not x.is_contiguous() and x.is_contiguous(memory_format=memory_format)
 
 
 def requested_channels_last() -> str:
@@ -41,4 +54,4 @@ def to_network_memory_format(x: torch.Tensor) -> torch.Tensor:
         return x
     if x.dim() == 4 and not x.is_cuda:  # torch's CPU Conv2d gradient bug (module docstring)
         return x
-    return x.contiguous(memory_format=_FORMATS[x.dim()])
+    return x.contiguous(memory_format=channels_last_format(x))

@@ -20,6 +20,7 @@ from typing import Optional, Type
 import torch
 import torch.nn as nn
 
+from nnunetv2_mamba.layers.memory_format import channels_last_format, is_channels_last
 from nnunetv2_mamba.ssm.backends.triton_backend import triton_interpreting
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ FAST_NORM_ENV_VAR = "NNUNETV2_MAMBA_FAST_NORM"
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-MAX_CHANNELS_LAST_CHANNELS = 1024  # the channels-last kernels hold a program's summary of every channel
 
 
 def fast_norm_enabled() -> bool:
@@ -96,13 +95,14 @@ class _TritonInstanceNormMixin:
                 and x.dim() == self._get_no_batch_dim() + 1 and x[0, 0].numel() >= 2):
             if x.is_contiguous():
                 function = _triton_function("InstanceNormTriton")
-            elif x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]) and x.shape[1] <= MAX_CHANNELS_LAST_CHANNELS:
+            elif is_channels_last(x):
                 function = _triton_function("InstanceNormChannelsLastTriton")
+                if function is not None and x.shape[1] > function.max_channels:
+                    function = None
         if function is None:
             y = super().forward(x)
-            channels_last = _CHANNELS_LAST.get(x.dim())
-            if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
-                y = y.contiguous(memory_format=channels_last)  # torch's returns NCDHW: keep the network's layout
+            if is_channels_last(x):  # torch's returns NCDHW: keep the network's layout
+                y = y.contiguous(memory_format=channels_last_format(x))
             if y.requires_grad:
                 # torch's CPU instance norm computes a wrong dx from a channels-last gradient (torch 2.14.1: errors
                 # the size of the gradient itself; contiguous ones are right), and a channels-last network hands

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nnunetv2_mamba.layers.memory_format import channels_last_format
 from nnunetv2_mamba.layers.triton_norm import _chan_merge, _span, _welford_step
 
 TILE_ELEMENTS = 2048  # positions x channels per tile (4 warps: 16 per thread)
@@ -141,11 +142,6 @@ def _norm_cl_grad_input_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, partial_ptr, w
         xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (w[None, :] * dy - mean_g[None, :] - xhat * mean_g_xhat[None, :])
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-def channels_last_format(x: torch.Tensor):
-    """Return the channels-last memory format of a 4D / 5D tensor (None for other ranks)."""
-    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
 
 
 def _geometry(M: int, C: int):

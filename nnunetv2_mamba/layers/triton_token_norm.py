@@ -17,7 +17,8 @@ torch's LayerNorm kernels give each token of 32 channels (U-Mamba's stage 0) a w
 a (C, tokens) tile of the map, coalesced along the tokens, and writes the normalised (tokens, C) tile straight in the
 dtype the projection reads (bf16 under the bf16 mixer policy: the value the cast would have given). The backward
 reads the tokens' gradient and the map, writes dx in the map's layout (channel-major or channels last) and dtype,
-and per-program partial sums of dweight and dbias (summed in torch). Arithmetic is fp32; the forward keeps x and the per-token mean / rstd.
+and per-program partial sums of dweight and dbias (summed in torch). Arithmetic is fp32; the forward keeps x and the
+per-token mean / rstd.
 """
 from __future__ import annotations
 
@@ -136,8 +137,7 @@ class TokenLayerNormTriton(torch.autograd.Function):
         partial = torch.empty(batch * n_blocks if affine else 1, 2, channels, device=x.device, dtype=torch.float32)
         _token_norm_backward_kernel[(n_blocks, batch)](x, dy, weight if affine else mean, mean, rstd, dx, partial,
                                                        length, channels, *x.stride(), *dy.stride(), *dx.stride(),
-                                                       n_blocks,
-                                                       BLOCK_L=block_l, C_PAD=channels_pad, AFFINE=affine,
+                                                       n_blocks, BLOCK_L=block_l, C_PAD=channels_pad, AFFINE=affine,
                                                        num_warps=warps)
         dweight = dbias = None
         if affine:

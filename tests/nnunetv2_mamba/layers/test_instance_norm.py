@@ -46,11 +46,12 @@ def run_case(shape, dtype_name, affine, mean, std, channels_last=False):
     import torch.nn.functional as F
 
     from nnunetv2_mamba.layers import triton_norm, triton_norm_channels_last
+    from nnunetv2_mamba.layers.memory_format import channels_last_format
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     generator = torch.Generator().manual_seed(len(shape) + int(mean))
     x = (torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean).to(dtype)
-    memory_format = triton_norm_channels_last.channels_last_format(x) if channels_last else torch.contiguous_format
+    memory_format = channels_last_format(x) if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=memory_format)
     module = (InstanceNorm3d if len(shape) == 5 else InstanceNorm2d)(shape[1], affine=affine)
     if affine:
