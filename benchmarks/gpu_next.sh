@@ -24,10 +24,13 @@
 #           mixer policies.
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
+# session8: (the SegMamba family's first profile) where SegMamba's and BiSegMamba's steps go, beside their mixer-free
+#           U-Net (TamingResEnc) and PlainConvUNet; the networks not re-measured since 2026-12-02 (BiSegMamba,
+#           SegMambaSkip, MultiSegMamba, Vivim, VivimV3) and TamingResEnc; the code in .gpu/baseline first when there.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -215,6 +218,12 @@ case "$what" in
     grep -h "estimate" "$out"/cal_recal_*.log
     nets="UMambaEnc UMambaBot LoGVMamba" BENCH_TIMEOUT=$((570 - SECONDS)) bench fp32_mixers \
       NNUNETV2_MAMBA_MIXER_DTYPE=fp32 ;;
+  session8)
+    timeout 200 python3 benchmarks/profile_network.py --top 40 --networks ${PROFILE_NETS:-PlainConvUNet TamingResEnc \
+      SegMamba BiSegMamba} > "$out/profile_networks.log" 2>&1
+    grep -h "ms of kernels" "$out/profile_networks.log"
+    nets="${NETS:-TamingResEnc SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" \
+      BENCH_TIMEOUT=$((570 - SECONDS)) bench session8 ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;
