@@ -25,12 +25,13 @@
 # profile:  where the training step goes: benchmarks/profile_network.py (kernel groups) for PlainConvUNet and the
 #           d_state-16 networks with the automatic choice, then the GPU tests outside the Triton file.
 # session8: (the SegMamba family's first profile) where SegMamba's and BiSegMamba's steps go, beside their mixer-free
-#           U-Net (TamingResEnc) and PlainConvUNet; the networks not re-measured since 2026-12-02 (BiSegMamba,
-#           SegMambaSkip, MultiSegMamba, Vivim, VivimV3) and TamingResEnc; the code in .gpu/baseline first when there.
+#           U-Net (TamingResEnc) and PlainConvUNet (and SegMamba's on the code in .gpu/baseline, a full older checkout,
+#           when it is there); the Taming networks, Vivim and VivimV3.
+# session8b: the Taming networks on the code in .gpu/baseline; GPU tests of the token norm and the Taming trainers.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -222,8 +223,21 @@ case "$what" in
     timeout 200 python3 benchmarks/profile_network.py --top 40 --networks ${PROFILE_NETS:-PlainConvUNet TamingResEnc \
       SegMamba BiSegMamba} > "$out/profile_networks.log" 2>&1
     grep -h "ms of kernels" "$out/profile_networks.log"
+    if [ -d ../baseline/nnunetv2_mamba ]; then
+      PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-} timeout 80 python3 benchmarks/profile_network.py --top 40 \
+        --networks SegMamba > "$out/profile_networks_baseline.log" 2>&1
+      grep -h "ms of kernels" "$out/profile_networks_baseline.log" | sed 's/^/baseline /'
+    fi
     nets="${NETS:-TamingResEnc SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" \
       BENCH_TIMEOUT=$((570 - SECONDS)) bench session8 ;;
+  session8b)  # the Taming networks on the code in .gpu/baseline (the before of session8's rows), GPU tests
+    timeout 150 python3 -m pytest tests/nnunetv2_mamba/layers/test_token_layer_norm.py tests/trainers/test_taming_gpu.py \
+      -m "gpu and not e2e" -q -rs > "$out/gpu_tests_taming.log" 2>&1 &
+    PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-} python3 -c "import nnunetv2_mamba.network_architectures.taming as t; \
+      print('baseline code:', t.__file__)"
+    nets="${NETS:-SegMamba BiSegMamba SegMambaSkip MultiSegMamba}" BENCH_TIMEOUT=$((500 - SECONDS)) \
+      bench baseline PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-}
+    wait; tail -n 3 "$out/gpu_tests_taming.log" ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

@@ -28,6 +28,7 @@ from dynamic_network_architectures.building_blocks.unet_residual_decoder import 
 from nnunetv2_mamba.layers import (BidirectionalMixer, Mamba, combine, run_in_axis_order, run_mixer,
                                    run_on_map)
 from nnunetv2_mamba.layers.memory_format import to_network_memory_format
+from nnunetv2_mamba.layers.norm import stream_layer_norm, token_layer_norm
 from nnunetv2_mamba.network_architectures.blocks import init_he, network_kwargs
 from nnunetv2_mamba.plans import NetworkPlan, PlanError
 
@@ -53,8 +54,10 @@ class MambaTrans(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return the mixed tokens (B, L, C)."""
-        tokens = tokens + self.mamba(self.norm1(tokens))
-        return tokens + self.head(self.norm2(tokens))
+        # Both norms feed projections only: on the GPU they write their tokens in the autocast dtype (bf16 under the
+        # bf16 mixer policy), what the projection would cast them to; the residual stream keeps its dtype.
+        tokens = tokens + self.mamba(token_layer_norm(tokens.transpose(1, 2), self.norm1))
+        return tokens + self.head(token_layer_norm(tokens.transpose(1, 2), self.norm2))
 
 
 def pan_mamba_trans(channels: int, d_state_cap: int = D_STATE_CAP,
@@ -77,7 +80,8 @@ class MambaLayer(nn.Module):
         self.mamba = token_mixer
 
     def _mix_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.mamba(self.norm(tokens))
+        # This norm starts MambaTrans's residual stream: fp32 under autocast, as torch's LayerNorm gives.
+        return self.mamba(stream_layer_norm(tokens.transpose(1, 2), self.norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the mixed feature map (B, C, *S) in the mixer precision (§0.6)."""

@@ -59,12 +59,13 @@ def _triton_function(name: str = "InstanceNormTriton"):
         return None
 
 
-def token_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+def token_layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Return ``norm(x.transpose(1, 2))``, the LayerNorm of a (B, C, L) map's tokens, as (B, L, C) tokens.
 
-    On the GPU one Triton kernel reads the map and writes contiguous tokens in the autocast dtype when autocast is on
-    (what the next projection casts them to), else in x's dtype; elsewhere, or for norms it does not cover, torch's
-    LayerNorm of the transposed view (fp32 under autocast, as always).
+    On the GPU one Triton kernel reads the map and writes contiguous tokens in ``dtype``; by default that is the
+    autocast dtype when autocast is on (what the next projection casts them to), else x's dtype. A residual stream
+    that starts at the norm asks for ``torch.float32``, what torch's LayerNorm gives under autocast. Elsewhere, or
+    for norms it does not cover, torch's LayerNorm of the transposed view (fp32 under autocast, as always).
     """
     if x.dim() != 3 or tuple(norm.normalized_shape) != (x.shape[1],):
         raise ValueError(f"token_layer_norm needs a (batch, channels, tokens) map with {tuple(norm.normalized_shape)} "
@@ -73,10 +74,17 @@ def token_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     if (function is None or not fast_norm_enabled() or x.dtype not in _FLOAT_DTYPES or x.shape[2] == 0
             or x.shape[1] > function.max_channels or (norm.weight is None) != (norm.bias is None)):
         return norm(x.transpose(1, 2))
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    if dtype is None:
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     return function.apply(x, norm.weight, norm.bias, norm.eps, dtype)
+
+
+def stream_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """Return ``token_layer_norm`` of the (B, C, L) map x in the dtype torch's LayerNorm gives (fp32 under autocast,
+    else x's dtype): for a norm whose output is a residual stream, not only a projection's input."""
+    dtype = torch.float32 if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type) else x.dtype
+    return token_layer_norm(x, norm, dtype)
 
 
 def _contiguous(grad: torch.Tensor) -> torch.Tensor:

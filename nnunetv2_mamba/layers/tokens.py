@@ -10,6 +10,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from nnunetv2_mamba.layers.memory_format import channels_last_format, is_channels_last
+from nnunetv2_mamba.layers.norm import stream_layer_norm
+
 TokenMixer = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -49,8 +52,12 @@ def run_in_axis_order(mixer: TokenMixer, x: torch.Tensor, axis_order: Sequence[i
         raise ValueError(f"axis_order must be a permutation of {list(range(n_spatial))}; got {list(axis_order)}.")
     permutation = [0, 1] + [axis + 2 for axis in axis_order]
     inverse = [permutation.index(i) for i in range(len(permutation))]
-    permuted = x.permute(*permutation).contiguous()
-    return run_on_map(mixer, permuted).permute(*inverse)
+    permuted = x.permute(*permutation)
+    # One copy either way; a channels-last map (the networks' GPU layout) is copied channels last in the new axis
+    # order, so that its tokens are that copy's memory (C order: no transposing copies downstream) and the identity
+    # order copies nothing.
+    memory_format = channels_last_format(x) if is_channels_last(x) else torch.contiguous_format
+    return run_on_map(mixer, permuted.contiguous(memory_format=memory_format)).permute(*inverse)
 
 
 def frame_interleave(tokens: torch.Tensor, nframes: int) -> torch.Tensor:
@@ -105,4 +112,7 @@ class BidirectionalMixer(nn.Module):
         self.norm = norm
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fwd_mamba(tokens) + run_reversed(self.bwd_mamba, tokens))
+        total = self.fwd_mamba(tokens) + run_reversed(self.bwd_mamba, tokens)
+        if isinstance(self.norm, nn.LayerNorm):  # the Triton token norm on the GPU, in torch's LayerNorm's dtype
+            return stream_layer_norm(total.transpose(1, 2), self.norm)
+        return self.norm(total)

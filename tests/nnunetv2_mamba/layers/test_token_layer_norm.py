@@ -95,6 +95,40 @@ def run_layer():
             "scale": results["0"][0].abs().max().item(), "fn": fn}
 
 
+def run_taming_layer():
+    """Return BiSegMamba's stage mixer (outer LayerNorm, two MambaTrans with two norms each, the bidirectional sum's
+    LayerNorm: six token norms) with the Triton LayerNorm vs torch's, as max differences, the number of Triton norm
+    calls per forward; and the dtypes the two norm entry points give under bf16 autocast."""
+    from nnunetv2_mamba.layers import norm as norm_module
+    from nnunetv2_mamba.layers.norm import stream_layer_norm
+    from nnunetv2_mamba.network_architectures.taming import MambaLayer, pan_mamba_trans
+
+    torch.manual_seed(0)
+    layer = MambaLayer(6, pan_mamba_trans(6, d_state_cap=4, mamba_backend="torch"))
+    x = torch.randn(2, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    results, calls = {}, []
+    function = norm_module._triton_function("TokenLayerNormTriton")
+    apply = function.apply
+    function.apply = lambda *args: calls.append(1) or apply(*args)
+    for fast in ("1", "0"):
+        os.environ[FAST_NORM_ENV_VAR] = fast
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf)
+        out.square().sum().backward()
+        trans = layer.mamba.bwd_mamba
+        results[fast] = [out.detach(), leaf.grad, layer.norm.weight.grad.clone(), layer.mamba.norm.bias.grad.clone(),
+                         trans.norm1.weight.grad.clone(), trans.norm2.bias.grad.clone(), trans.head.weight.grad.clone()]
+    function.apply = apply
+    os.environ[FAST_NORM_ENV_VAR] = "1"
+    norm = layer.norm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stream, projected = stream_layer_norm(x.flatten(2), norm), token_layer_norm(x.flatten(2), norm)
+    return {"max_differences": [(a - b).abs().max().item() for a, b in zip(results["1"], results["0"])],
+            "scale": results["0"][0].abs().max().item(), "fns": [type(stream.grad_fn).__name__], "calls": len(calls),
+            "dtypes": [str(stream.dtype), str(projected.dtype)]}
+
+
 def main():
     from nnunetv2_mamba.layers import triton_token_norm
 
@@ -102,6 +136,7 @@ def main():
     for case in CASES:
         print(json.dumps(run_case(*case)), flush=True)
     print(json.dumps(run_layer()), flush=True)
+    print(json.dumps(run_taming_layer()), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +148,7 @@ def interpreted_results():
                            "main; main()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == len(CASES) + 1, done.stdout[-2000:]
+    assert len(lines) == len(CASES) + 2, done.stdout[-2000:]
     return lines
 
 
@@ -136,9 +171,20 @@ def test_interpreted_kernels_match_fp64_layer_norm(interpreted_results, index):
 def test_interpreted_umamba_layer_matches_torch_layer_norm(interpreted_results):
     """The U-Mamba layer (token LayerNorm, channel-first out projection) gives torch's LayerNorm path's output and
     gradients ($NNUNETV2_MAMBA_FAST_NORM=0)."""
-    result = interpreted_results[-1]
+    result = interpreted_results[-2]
     assert result["fn"] == "TokenLayerNormTritonBackward" and result["scale"] > 0.01
     assert max(result["max_differences"]) < 1e-5, result
+
+
+def test_interpreted_taming_mixer_matches_torch_layer_norm(interpreted_results):
+    """BiSegMamba's stage mixer, every LayerNorm a Triton token norm (a channels-last map), gives torch's LayerNorms'
+    output and gradients; under bf16 autocast the residual-stream norm writes fp32 (torch's LayerNorm dtype) and the
+    projection-input norm bf16."""
+    result = interpreted_results[-1]
+    assert result["fns"] == ["TokenLayerNormTritonBackward"] and result["scale"] > 0.01, result
+    assert result["calls"] == 6, result  # every norm of the mixer ran the kernel (and none with the fast norm off)
+    assert result["dtypes"] == ["torch.float32", "torch.bfloat16"], result
+    assert max(result["max_differences"]) < 1e-4, result
 
 
 def test_cpu_path_is_torch_layer_norm_of_the_tokens():

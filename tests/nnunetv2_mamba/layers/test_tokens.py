@@ -32,11 +32,24 @@ def test_reverse_and_run_reversed():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
-def test_run_in_axis_order_scans_permuted_axes(order):
+def test_run_in_axis_order_scans_permuted_axes(order, channels_last):
     x = torch.randn(1, 2, 3, 4, 5)
-    out = tk.run_in_axis_order(cumulative, x, order)
+    seen = []
+
+    def mixer(tokens):
+        seen.append((tokens.is_contiguous(), tokens.data_ptr()))
+        return cumulative(tokens)
+
+    source = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+    out = tk.run_in_axis_order(mixer, source, order)
     assert out.shape == x.shape
+    # a channels-last map's tokens reach the mixer contiguous (its copy is channels last in the new order), and the
+    # C order reads the map itself; a contiguous map keeps the channel-major copy (its tokens are a transposed view)
+    assert [contiguous for contiguous, _ in seen] == [channels_last]
+    if channels_last and order == (0, 1, 2):  # no copy: the tokens are the map's memory, the result channels last
+        assert seen[0][1] == source.data_ptr() and out.is_contiguous(memory_format=torch.channels_last_3d)
     # Reference: move the axes so that `order` is C order, take the running sum, move back.
     perm = x.permute(0, 1, *[a + 2 for a in order])
     running = perm.flatten(2).cumsum(-1).reshape(perm.shape)
