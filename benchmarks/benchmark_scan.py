@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark_scan.py                     # (2, 128^3, 32) and (2, 64^3, 64), fp32
     python benchmarks/benchmark_scan.py --shapes 2x32768x64 --dtype bf16
+    python benchmarks/benchmark_scan.py --shapes 2x262144x64x64 --dtype bf16   # d_state 64 (SegMamba's stage 1)
     python benchmarks/benchmark_scan.py --device cpu --shapes 2x32768x32 --steps 3 --warmup 1
 
 Rows: forward and forward+backward milliseconds and peak memory per backend, with the ratio to the fastest
@@ -59,7 +60,7 @@ def upstream_layer(layer: Mamba):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["2x2097152x32", "2x262144x64"],
-                        help="batch x tokens x d_model")
+                        help="batch x tokens x d_model[x d_state] (d_state 16 when left out)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp32 inputs, or fp32 weights under autocast to bf16/fp16")
     parser.add_argument("--steps", type=int, default=10)
@@ -83,12 +84,15 @@ def main(argv=None) -> int:
     print("| shape (B x L x d) | backend | forward (ms) | fwd+bwd (ms) | peak fwd+bwd (GiB) | fwd+bwd x fastest |")
     print("|---|---|---|---|---|---|")
     for shape in args.shapes:
-        batch, length, d_model = (int(v) for v in shape.split("x"))
+        fields = [int(v) for v in shape.split("x")]
+        if len(fields) not in (3, 4):
+            raise SystemExit(f"--shapes {shape!r}: give batch x tokens x d_model, optionally x d_state.")
+        batch, length, d_model, d_state = fields if len(fields) == 4 else fields + [16]
         rows = []
-        candidates = [(name, lambda name=name: Mamba(d_model, backend=name).to(device)) for name in backends]
+        candidates = [(name, lambda name=name: Mamba(d_model, d_state, backend=name).to(device)) for name in backends]
         if device.type == "cuda" and "mamba_ssm" in backends:
             candidates.append(("upstream mamba_ssm.Mamba",
-                               lambda: upstream_layer(Mamba(d_model, backend="mamba_ssm").to(device))))
+                               lambda: upstream_layer(Mamba(d_model, d_state, backend="mamba_ssm").to(device))))
         for name, make_layer in candidates:
             torch.manual_seed(0)
             layer = make_layer()

@@ -228,6 +228,10 @@ case "$what" in
         --networks SegMamba > "$out/profile_networks_baseline.log" 2>&1
       grep -h "ms of kernels" "$out/profile_networks_baseline.log" | sed 's/^/baseline /'
     fi
+    # SegMamba's first two stages (d_state = C): is the automatic choice's length threshold right for d_state 32 / 64?
+    timeout 90 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32x32 2x262144x64x64 2x262144x64x16 --dtype bf16 \
+      --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/scan_segmamba_stages.log" 2>&1
+    grep "^| 2x" "$out/scan_segmamba_stages.log"
     nets="${NETS:-TamingResEnc SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" \
       BENCH_TIMEOUT=$((570 - SECONDS)) bench session8 ;;
   session8b)  # the Taming networks on the code in .gpu/baseline (the before of session8's rows), GPU tests
