@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from nnunetv2_mamba.layers import (Mamba, combine, frame_deinterleave, frame_interleave, from_tokens,
                                    run_frames_reversed, run_mixer, run_reversed, selective_scan_branch,
                                    ssm_state_parameters, state_matrix, to_tokens)
+from nnunetv2_mamba.layers.norm import token_layer_norm
 from nnunetv2_mamba.network_architectures.mit import (DECODER_DIM, MIT_B3, MixTransformer, SegFormerHead,
                                                       init_segformer_module)
 from nnunetv2_mamba.plans import PlanError
@@ -168,8 +169,10 @@ class TemporalMambaLayer(nn.Module):
         """Return x + mixer + DSF for an fp32 clip map (B, C, T, h, w)."""
         spatial_shape = x.shape[2:]
         tokens = to_tokens(x)  # frame-major because time is the first spatial axis
-        tokens = tokens + self._mix(self.norm1(tokens), spatial_shape[0])
-        tokens = tokens + self.mlp(self.norm2(tokens), spatial_shape)
+        # Both norms feed projections only (in_proj, fc1): on the GPU they write their tokens in the autocast dtype,
+        # what those projections would cast them to; the residual stream stays fp32.
+        tokens = tokens + self._mix(token_layer_norm(tokens.transpose(1, 2), self.norm1), spatial_shape[0])
+        tokens = tokens + self.mlp(token_layer_norm(tokens.transpose(1, 2), self.norm2), spatial_shape)
         return from_tokens(tokens, spatial_shape)
 
     def extra_repr(self) -> str:

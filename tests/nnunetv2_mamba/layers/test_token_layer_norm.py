@@ -129,6 +129,36 @@ def run_taming_layer():
             "dtypes": [str(stream.dtype), str(projected.dtype)]}
 
 
+def run_vivim_layers():
+    """Return, per Vivim mixer, the temporal Mamba layer (two token norms) with the Triton LayerNorm vs torch's, as
+    max differences and the number of Triton norm calls."""
+    from nnunetv2_mamba.layers import norm as norm_module
+    from nnunetv2_mamba.network_architectures.vivim import TemporalMambaLayer
+
+    function = norm_module._triton_function("TokenLayerNormTriton")
+    apply = function.apply
+    results = {}
+    for mixer in ("alternating", "st_v3"):
+        torch.manual_seed(0)
+        layer = TemporalMambaLayer(8, mixer, reverse_frames=True, d_state=4, mlp_ratio=2, backend="torch")
+        x = torch.randn(1, 8, 2, 3, 4)
+        runs, calls = {}, []
+        function.apply = lambda *args: calls.append(1) or apply(*args)
+        for fast in ("1", "0"):
+            os.environ[FAST_NORM_ENV_VAR] = fast
+            layer.zero_grad()
+            leaf = x.clone().requires_grad_()
+            out = layer(leaf)
+            out.square().sum().backward()
+            runs[fast] = [out.detach(), leaf.grad, layer.norm1.weight.grad.clone(), layer.norm2.bias.grad.clone(),
+                          layer.mamba.in_proj.weight.grad.clone()]
+        function.apply = apply
+        results[mixer] = {"max_differences": [(a - b).abs().max().item() for a, b in zip(runs["1"], runs["0"])],
+                          "scale": runs["0"][0].abs().max().item(), "calls": len(calls)}
+    os.environ[FAST_NORM_ENV_VAR] = "1"
+    return results
+
+
 def main():
     from nnunetv2_mamba.layers import triton_token_norm
 
@@ -137,6 +167,7 @@ def main():
         print(json.dumps(run_case(*case)), flush=True)
     print(json.dumps(run_layer()), flush=True)
     print(json.dumps(run_taming_layer()), flush=True)
+    print(json.dumps(run_vivim_layers()), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +179,7 @@ def interpreted_results():
                            "main; main()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == len(CASES) + 2, done.stdout[-2000:]
+    assert len(lines) == len(CASES) + 3, done.stdout[-2000:]
     return lines
 
 
@@ -171,7 +202,7 @@ def test_interpreted_kernels_match_fp64_layer_norm(interpreted_results, index):
 def test_interpreted_umamba_layer_matches_torch_layer_norm(interpreted_results):
     """The U-Mamba layer (token LayerNorm, channel-first out projection) gives torch's LayerNorm path's output and
     gradients ($NNUNETV2_MAMBA_FAST_NORM=0)."""
-    result = interpreted_results[-2]
+    result = interpreted_results[-3]
     assert result["fn"] == "TokenLayerNormTritonBackward" and result["scale"] > 0.01
     assert max(result["max_differences"]) < 1e-5, result
 
@@ -180,10 +211,18 @@ def test_interpreted_taming_mixer_matches_torch_layer_norm(interpreted_results):
     """BiSegMamba's stage mixer, every LayerNorm a Triton token norm (a channels-last map), gives torch's LayerNorms'
     output and gradients; under bf16 autocast the residual-stream norm writes fp32 (torch's LayerNorm dtype) and the
     projection-input norm bf16."""
-    result = interpreted_results[-1]
+    result = interpreted_results[-2]
     assert result["fns"] == ["TokenLayerNormTritonBackward"] and result["scale"] > 0.01, result
     assert result["calls"] == 6, result  # every norm of the mixer ran the kernel (and none with the fast norm off)
     assert result["dtypes"] == ["torch.float32", "torch.bfloat16"], result
+    assert max(result["max_differences"]) < 1e-4, result
+
+
+@pytest.mark.parametrize("mixer", ["alternating", "st_v3"])
+def test_interpreted_vivim_layer_matches_torch_layer_norm(interpreted_results, mixer):
+    """Vivim's temporal Mamba layer, both norms Triton token norms, gives torch's LayerNorms' output and gradients."""
+    result = interpreted_results[-1][mixer]
+    assert result["calls"] == 2 and result["scale"] > 0.01, result
     assert max(result["max_differences"]) < 1e-4, result
 
 
