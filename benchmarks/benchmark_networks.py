@@ -3,7 +3,9 @@
 Per network: parameters, training step time (forward + backward + SGD step, fp16 autocast + GradScaler,
 deep supervision on as nnU-Net trains), peak GPU memory of the training step, and inference time (batch 1,
 fp16 autocast, deep supervision off), each also as a ratio to PlainConvUNet measured in the same run.
-Times are medians over the measured steps.
+Times are medians over the measured steps. ``torch.backends.cudnn.benchmark`` is on, as ``nnUNetv2_train`` sets it
+(``$NNUNETV2_MAMBA_BENCH_CUDNN_BENCHMARK=0``: cuDNN's heuristics, as these rows were measured before 2026-12-03's
+eighth session); the warm-up steps include cuDNN's timing of its algorithms.
 
     python benchmarks/benchmark_networks.py                      # the issue's 3D 128^3 plan, every network
     python benchmarks/benchmark_networks.py --networks UMambaBot --steps 10 --json out.json
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reporting import report, run_header
+from reporting import report, run_header, set_cudnn_benchmark
 
 ROOT = Path(__file__).resolve().parent
 
@@ -272,6 +274,7 @@ def main(argv=None) -> int:
         print("\n".join(collect_networks()))
         return 0
     device = torch.device(args.device)
+    set_cudnn_benchmark()  # as nnUNetv2_train runs (the workers inherit the environment variable)
     if args.worker:
         row = measure(args.worker, tuple(args.patch), args.batch, args.steps, args.warmup, device)
         Path(args.json).write_text(json.dumps(row))

@@ -234,15 +234,15 @@ case "$what" in
     grep "^| 2x" "$out/scan_segmamba_stages.log"
     nets="${NETS:-TamingResEnc SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" \
       BENCH_TIMEOUT=$((570 - SECONDS)) bench session8 ;;
-  session8b)  # the Taming and Vivim networks on the code in .gpu/baseline (the before of session8's rows), GPU tests
+  session8b)  # the Taming and Vivim networks on the code in .gpu/baseline (the before of session8's rows), after the GPU
+    # tests of what changed (not beside them: the timings would share the GPU)
     timeout 150 python3 -m pytest tests/nnunetv2_mamba/layers/test_token_layer_norm.py tests/trainers/test_taming_gpu.py \
-      tests/network_architectures/test_vivim_gpu.py tests/nnunetv2_mamba/layers/test_tokens.py \
-      -m "gpu and not e2e" -q -rs > "$out/gpu_tests_taming.log" 2>&1 &
+      tests/network_architectures/test_vivim_gpu.py -m "gpu and not e2e" -q -rs > "$out/gpu_tests_taming.log" 2>&1
+    tail -n 3 "$out/gpu_tests_taming.log"
     PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-} python3 -c "import nnunetv2_mamba.network_architectures.taming as t; \
       print('baseline code:', t.__file__)"
-    nets="${NETS:-SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" BENCH_TIMEOUT=$((500 - SECONDS)) \
-      bench baseline PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-}
-    wait; tail -n 3 "$out/gpu_tests_taming.log" ;;
+    nets="${NETS:-SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" BENCH_TIMEOUT=$((570 - SECONDS)) \
+      bench baseline PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-} ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

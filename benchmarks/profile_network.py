@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_networks import benchmark_plan, collect_networks, deep_supervision_loss  # noqa: E402
 from profiling import group_times, kernel_table, profile_steps  # noqa: E402
+from reporting import set_cudnn_benchmark  # noqa: E402
 
 
 def profile_network(name: str, patch_size, batch: int, steps: int, warmup: int, channels_last: bool = False):
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.networks) - set(collect_networks()))
     if unknown:
         raise SystemExit(f"Unknown network(s) {unknown}; choose from {list(collect_networks())}.")
-    print(f"device: {torch.cuda.get_device_name()}, patch {args.patch}, batch {args.batch}, CUDA ms per training "
+    cudnn_benchmark = set_cudnn_benchmark()  # as nnUNetv2_train runs
+    print(f"device: {torch.cuda.get_device_name()}, cudnn.benchmark {cudnn_benchmark}, patch {args.patch}, "
+          f"batch {args.batch}, CUDA ms per training "
           f"step ({args.steps} profiled after {args.warmup} warm-up)")
     for name in args.networks:
         kernels, peak = profile_network(name, args.patch, args.batch, args.steps, args.warmup, args.channels_last)
