@@ -95,20 +95,13 @@ def run_layer():
             "scale": results["0"][0].abs().max().item(), "fn": fn}
 
 
-def run_taming_layer():
-    """Return BiSegMamba's stage mixer (outer LayerNorm, two MambaTrans with two norms each, the bidirectional sum's
-    LayerNorm: six token norms) with the Triton LayerNorm vs torch's, as max differences, the number of Triton norm
-    calls per forward; and the dtypes the two norm entry points give under bf16 autocast."""
+def compare_norm_paths(layer, x, gradients):
+    """Return {"max_differences", "scale", "calls"} of layer's output and ``gradients(layer)`` (plus x's gradient) with
+    the Triton token norm vs torch's ($NNUNETV2_MAMBA_FAST_NORM=1 / 0), and the Triton norm calls made in all."""
     from nnunetv2_mamba.layers import norm as norm_module
-    from nnunetv2_mamba.layers.norm import stream_layer_norm
-    from nnunetv2_mamba.network_architectures.taming import MambaLayer, pan_mamba_trans
 
-    torch.manual_seed(0)
-    layer = MambaLayer(6, pan_mamba_trans(6, d_state_cap=4, mamba_backend="torch"))
-    x = torch.randn(2, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
-    results, calls = {}, []
     function = norm_module._triton_function("TokenLayerNormTriton")
-    apply = function.apply
+    apply, calls, runs = function.apply, [], {}
     function.apply = lambda *args: calls.append(1) or apply(*args)
     for fast in ("1", "0"):
         os.environ[FAST_NORM_ENV_VAR] = fast
@@ -116,46 +109,42 @@ def run_taming_layer():
         leaf = x.clone().requires_grad_()
         out = layer(leaf)
         out.square().sum().backward()
-        trans = layer.mamba.bwd_mamba
-        results[fast] = [out.detach(), leaf.grad, layer.norm.weight.grad.clone(), layer.mamba.norm.bias.grad.clone(),
-                         trans.norm1.weight.grad.clone(), trans.norm2.bias.grad.clone(), trans.head.weight.grad.clone()]
+        runs[fast] = [out.detach(), leaf.grad] + [grad.clone() for grad in gradients(layer)]
     function.apply = apply
     os.environ[FAST_NORM_ENV_VAR] = "1"
-    norm = layer.norm
+    return {"max_differences": [(a - b).abs().max().item() for a, b in zip(runs["1"], runs["0"])],
+            "scale": runs["0"][0].abs().max().item(), "calls": len(calls)}
+
+
+def run_taming_layer():
+    """Return BiSegMamba's stage mixer (outer LayerNorm, two MambaTrans with two norms each, the bidirectional sum's
+    LayerNorm: six token norms) compared with torch's norms (``compare_norm_paths``); and the dtypes the two norm entry
+    points give under bf16 autocast."""
+    from nnunetv2_mamba.layers.norm import stream_layer_norm
+    from nnunetv2_mamba.network_architectures.taming import MambaLayer, pan_mamba_trans
+
+    torch.manual_seed(0)
+    layer = MambaLayer(6, pan_mamba_trans(6, d_state_cap=4, mamba_backend="torch"))
+    x = torch.randn(2, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    result = compare_norm_paths(layer, x, lambda m: [
+        m.norm.weight.grad, m.mamba.norm.bias.grad, m.mamba.bwd_mamba.norm1.weight.grad,
+        m.mamba.bwd_mamba.norm2.bias.grad, m.mamba.bwd_mamba.head.weight.grad])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stream, projected = stream_layer_norm(x.flatten(2), norm), token_layer_norm(x.flatten(2), norm)
-    return {"max_differences": [(a - b).abs().max().item() for a, b in zip(results["1"], results["0"])],
-            "scale": results["0"][0].abs().max().item(), "fns": [type(stream.grad_fn).__name__], "calls": len(calls),
-            "dtypes": [str(stream.dtype), str(projected.dtype)]}
+        stream, projected = stream_layer_norm(x.flatten(2), layer.norm), token_layer_norm(x.flatten(2), layer.norm)
+    return {**result, "fns": [type(stream.grad_fn).__name__], "dtypes": [str(stream.dtype), str(projected.dtype)]}
 
 
 def run_vivim_layers():
-    """Return, per Vivim mixer, the temporal Mamba layer (two token norms) with the Triton LayerNorm vs torch's, as
-    max differences and the number of Triton norm calls."""
-    from nnunetv2_mamba.layers import norm as norm_module
+    """Return, per Vivim mixer, the temporal Mamba layer (two token norms) compared with torch's norms
+    (``compare_norm_paths``)."""
     from nnunetv2_mamba.network_architectures.vivim import TemporalMambaLayer
 
-    function = norm_module._triton_function("TokenLayerNormTriton")
-    apply = function.apply
     results = {}
     for mixer in ("alternating", "st_v3"):
         torch.manual_seed(0)
         layer = TemporalMambaLayer(8, mixer, reverse_frames=True, d_state=4, mlp_ratio=2, backend="torch")
-        x = torch.randn(1, 8, 2, 3, 4)
-        runs, calls = {}, []
-        function.apply = lambda *args: calls.append(1) or apply(*args)
-        for fast in ("1", "0"):
-            os.environ[FAST_NORM_ENV_VAR] = fast
-            layer.zero_grad()
-            leaf = x.clone().requires_grad_()
-            out = layer(leaf)
-            out.square().sum().backward()
-            runs[fast] = [out.detach(), leaf.grad, layer.norm1.weight.grad.clone(), layer.norm2.bias.grad.clone(),
-                          layer.mamba.in_proj.weight.grad.clone()]
-        function.apply = apply
-        results[mixer] = {"max_differences": [(a - b).abs().max().item() for a, b in zip(runs["1"], runs["0"])],
-                          "scale": runs["0"][0].abs().max().item(), "calls": len(calls)}
-    os.environ[FAST_NORM_ENV_VAR] = "1"
+        results[mixer] = compare_norm_paths(layer, torch.randn(1, 8, 2, 3, 4), lambda m: [
+            m.norm1.weight.grad, m.norm2.bias.grad, m.mamba.in_proj.weight.grad])
     return results
 
 
