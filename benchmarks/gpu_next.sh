@@ -28,10 +28,13 @@
 #           U-Net (TamingResEnc) and PlainConvUNet (and SegMamba's on the code in .gpu/baseline, a full older checkout,
 #           when it is there); the Taming networks, Vivim and VivimV3.
 # session8b: the Taming networks on the code in .gpu/baseline; GPU tests of the token norm and the Taming trainers.
+# session9: GPU tests of the d_state tilings (TILINGS) and of session 8's token norms; the Triton scan's kernels per
+#           tiling at d_state 32 (SegMamba's 128^3 stage) and 64 (its 64^3 stage); the Mamba layer there, triton vs
+#           mamba_ssm; SegMamba / BiSegMamba as shipped and with triton for every eligible stage.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|session9|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -243,6 +246,25 @@ case "$what" in
       print('baseline code:', t.__file__)"
     nets="${NETS:-SegMamba BiSegMamba SegMambaSkip MultiSegMamba Vivim VivimV3}" BENCH_TIMEOUT=$((570 - SECONDS)) \
       bench baseline PYTHONPATH=$PWD/../baseline:${PYTHONPATH:-} ;;
+  session9)
+    timeout 200 python3 -m pytest tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py \
+      tests/nnunetv2_mamba/layers/test_token_layer_norm.py tests/trainers/test_taming_gpu.py \
+      tests/network_architectures/test_vivim_gpu.py -m "gpu and not e2e" -q -rs > "$out/gpu_tests.log" 2>&1
+    tail -n 3 "$out/gpu_tests.log"
+    timeout 150 python3 benchmarks/triton_kernels.py --length 2097152 --channels 64 --d-state 32 --cases \
+      ${CASES_32:-bf16:bld:4:1:16 bf16:bld:8:4:16 bf16:bld:4:2:16 bf16:bld:4:8:16 bf16:bld:4:2:8 bf16:bld:4:4:16} \
+      > "$out/kernels_32.log" 2>&1
+    grep "FAIL\|^|" "$out/kernels_32.log"
+    timeout 120 python3 benchmarks/triton_kernels.py --length 262144 --channels 128 --d-state 64 --cases \
+      ${CASES_64:-bf16:bld:4:1:16 bf16:bld:4:8:8 bf16:bld:4:8:16 bf16:bld:4:4:8 bf16:bld:4:2:4 bf16:bld:2:1:4 \
+      bf16:bld:8:8:16} > "$out/kernels_64.log" 2>&1
+    grep "FAIL\|^|" "$out/kernels_64.log"
+    timeout 90 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32x32 2x262144x64x64 2x32768x128x64 \
+      --dtype bf16 --steps 5 --warmup 2 --backends triton mamba_ssm > "$out/scan_segmamba_stages.log" 2>&1
+    grep "^| 2x" "$out/scan_segmamba_stages.log"
+    nets="${NETS:-SegMamba BiSegMamba}" BENCH_TIMEOUT=$(( (570 - SECONDS) / 2 )) bench auto
+    nets="${NETS:-SegMamba BiSegMamba}" BENCH_TIMEOUT=$((570 - SECONDS)) bench triton_all \
+      NNUNETV2_MAMBA_TRITON_MIN_LENGTH=0 ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

@@ -56,11 +56,15 @@ from nnunetv2_mamba.ssm.backends.triton_conv import empty_token_major
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 
-# Tokens per chunk, channels per tile and warps; NNUNETV2_MAMBA_TRITON_CHUNK forces the chunk (tests use it
-# to get many chunks out of short sequences).
-DEFAULT_CHUNK = 16
-DEFAULT_BLOCK_D = 4
-DEFAULT_WARPS = 1
+# Tiling by d_state (padded to a power of two): (tokens per chunk, channels per tile, warps). Every kernel holds
+# (T, N, BLOCK_D) fp32 tiles in registers, the gradient kernel several; the d_state-16 tiling (16, 4, 1) spills
+# 1216 / 4088 bytes per thread at N = 32 / 64 in it (ptxas for sm_90, benchmarks/triton_registers.py), and SegMamba's
+# first stages (d_state = channels = 32, 64) then took 8x / 3x as long as at N = 16 (BENCHMARKS.md, 2026-12-03).
+# The larger tilings keep the tiles' elements per thread near the N = 16 one's (more warps, fewer tokens); see
+# DECISIONS.md for the measured choice. NNUNETV2_MAMBA_TRITON_TILING="T:BLOCK_D:WARPS" forces one tiling for every
+# d_state (measurements) and NNUNETV2_MAMBA_TRITON_CHUNK the chunk alone (tests use it to get many chunks out of
+# short sequences); explicit arguments of selective_scan_triton win over both.
+TILINGS = {16: (16, 4, 1), 32: (16, 8, 4), 64: (8, 4, 8)}
 # Chunks per segment: the end-state, output and adjoint kernels walk the chunks of one segment in one program,
 # the state carried in registers, so the state buffers between the launches and the carry are per segment (1/8
 # of the chunks). Per chunk (16 tokens, 16 states) a state buffer is as large as an fp32 copy of u: at one chunk
@@ -633,17 +637,34 @@ class _Plan:
         return dict(N=d_state, N_PAD=self.d_state_padded, T=self.chunk, BLOCK_D=self.block_d, num_warps=self.warps)
 
 
-def _config(chunk, block_d, warps):
+def tiling_for(d_state: int):
+    """Return the default (tokens per chunk, channels per tile, warps) of a scan with this many states."""
+    forced = os.environ.get("NNUNETV2_MAMBA_TRITON_TILING", "").strip()
+    if forced:
+        parts = forced.split(":")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS' (three whole "
+                             f"numbers, e.g. '16:4:1'); got {forced!r}. Unset it for the tiling by d_state.")
+        return tuple(int(p) for p in parts)
+    return TILINGS[max(16, triton.next_power_of_2(d_state))]
+
+
+def _config(chunk, block_d, warps, d_state):
+    default_chunk, default_block_d, default_warps = tiling_for(d_state)
     forced = os.environ.get("NNUNETV2_MAMBA_TRITON_CHUNK")
-    chunk = int(forced) if forced else (chunk or DEFAULT_CHUNK)
+    chunk = int(forced) if forced else (chunk or default_chunk)
+    block_d, warps = block_d or default_block_d, warps or default_warps
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
+    if block_d & (block_d - 1) or warps & (warps - 1):
+        raise ValueError(f"triton scan: the channels per tile and the warps must be powers of two; got {block_d} "
+                         f"and {warps}.")
     value = os.environ.get("NNUNETV2_MAMBA_TRITON_SEGMENT") or str(CHUNKS_PER_SEGMENT)
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_SEGMENT must be a whole number of chunks >= 1; got "
                          f"{value!r}. Unset it for the default ({CHUNKS_PER_SEGMENT}).")
     segment = int(value)
-    return chunk, block_d or DEFAULT_BLOCK_D, warps or DEFAULT_WARPS, segment
+    return chunk, block_d, warps, segment
 
 
 def _state_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -783,7 +804,7 @@ def make_plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
     """Return (launch plan, B/C groups) of a scan of u (batch, D, L) with these B and C."""
     batch, channels, length = u.shape
     groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
-    return _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps)), groups
+    return _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps, A.shape[1])), groups
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan) -> torch.Tensor:

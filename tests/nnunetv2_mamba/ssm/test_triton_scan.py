@@ -28,6 +28,10 @@ CASES = [
     (2 * CHUNK + 3, "grouped", 1, 4, False, False),
     (3 * CHUNK - 1, "grouped_B_shared_C", 1, 4, True, True),
     (3 * CHUNK - 1, "shared_d_state_3", 1, 4, True, True),  # d_state padded to 4 lanes inside the kernels
+    # the larger states' tilings (TILINGS: 8 channels per tile at d_state 32, so 12 channels leave one half
+    # masked; d_state 64 with 4 channels per group over 2 groups)
+    (3 * CHUNK - 1, "shared_d_state_32", 2, 12, True, True),
+    (3 * CHUNK - 1, "grouped_d_state_64", 1, 8, True, True),
     # 7 chunks = 4 segments (the last one half padding): the two-level carry over the segments
     (7 * CHUNK - 3, "shared", 2, 4, True, True),
     (7 * CHUNK - 3, "grouped", 1, 8, True, True),
@@ -44,7 +48,7 @@ def run_case(length, bc, batch, channels, with_optional, softplus):
     from tests.nnunetv2_mamba.ssm.test_scan import make_inputs, reference_scan
 
     layout = bc.split("_")[0]
-    inputs = make_inputs(batch=batch, channels=channels, d_state=3 if bc.endswith("d_state_3") else 4,
+    inputs = make_inputs(batch=batch, channels=channels, d_state=int(bc.rsplit("_", 1)[1]) if "d_state" in bc else 4,
                          length=length, bc=layout, dtype=torch.float32, seed=length, with_d=with_optional,
                          with_z=with_optional, with_bias=with_optional)
     if bc == "grouped_B_shared_C":
@@ -291,6 +295,35 @@ def test_default_segments_and_carry_match_fp64_reference():
         errors.pop("out_dtype_ok")
         bad = {name: value for name, value in errors.items() if not value < 2e-5}
         assert not bad, bad
+
+
+def test_tiling_follows_d_state_and_explicit_settings_win(monkeypatch):
+    import torch
+
+    from nnunetv2_mamba.ssm.backends.triton_scan import TILINGS, make_plan
+
+    def plan(d_state, **settings):
+        p = make_plan(torch.empty(1, 64, 4096), torch.empty(64, d_state), torch.empty(1, d_state, 4096),
+                      torch.empty(1, d_state, 4096), **settings)[0]
+        return p.chunk, p.block_d, p.warps
+
+    assert [plan(n) for n in (1, 16, 17, 32, 64)] == [TILINGS[16], TILINGS[16], TILINGS[32], TILINGS[32], TILINGS[64]]
+    assert len({plan(n) for n in (16, 32, 64)}) == 3  # the larger states do get their own tilings
+    assert plan(32, chunk=4, block_d=2, warps=2) == (4, 2, 2)
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_TILING", "8:2:4")
+    assert plan(16) == plan(64) == (8, 2, 4)
+    assert plan(64, warps=1) == (8, 2, 1)
+
+
+@pytest.mark.parametrize("value", ["8:2", "8:two:4", "0:4:1"])
+def test_bad_tiling_setting_says_what_is_wrong(monkeypatch, value):
+    import torch
+
+    from nnunetv2_mamba.ssm.backends.triton_scan import make_plan
+
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_TILING", value)
+    with pytest.raises(ValueError, match="NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS'"):
+        make_plan(torch.empty(1, 4, 40), torch.empty(4, 4), torch.empty(1, 4, 40), torch.empty(1, 4, 40))
 
 
 @pytest.mark.parametrize("value", ["0", "eight", "-2"])

@@ -50,8 +50,8 @@ def assert_matches(ours, reference, dtype, what):
     torch.testing.assert_close(ours / scale, reference / scale, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def check(batch, channels, length, bc, dtype, with_optional=True, seed=0):
-    inputs = make_cuda_inputs(batch, channels, 16, length, bc, dtype, seed, with_optional)
+def check(batch, channels, length, bc, dtype, with_optional=True, seed=0, d_state=16):
+    inputs = make_cuda_inputs(batch, channels, d_state, length, bc, dtype, seed, with_optional)
     weight = torch.randn(batch, channels, length, device="cuda", dtype=torch.float64)
     out, last, grads = forward_and_grads("triton", inputs, weight)
     # The fp64 torch scan on the same (rounded) inputs is the ground truth; mamba_ssm must agree as closely.
@@ -74,6 +74,15 @@ def check(batch, channels, length, bc, dtype, with_optional=True, seed=0):
 @pytest.mark.parametrize("bc", ["shared", "grouped"])
 def test_triton_matches_reference_and_mamba_ssm(dtype, length, bc):
     check(2, 8, length, bc, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length", [2049, 65536])
+@pytest.mark.parametrize("bc", ["shared", "grouped"])
+@pytest.mark.parametrize("d_state", [24, 32, 64])
+def test_larger_states_match_reference_and_mamba_ssm(d_state, bc, length, dtype):
+    """The d_state-32 / 64 tilings (TILINGS); 24 states are padded to 32; 20 channels leave a tile partly masked."""
+    check(2, 20, length, bc, dtype, d_state=d_state)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
