@@ -31,10 +31,13 @@
 # session9: GPU tests of the d_state tilings (TILINGS) and of session 8's token norms; the Triton scan's kernels per
 #           tiling at d_state 32 (SegMamba's 128^3 stage) and 64 (its 64^3 stage); the Mamba layer there, triton vs
 #           mamba_ssm; SegMamba / BiSegMamba as shipped and with triton for every eligible stage.
+# session9b: the Triton scan's kernels with per-kernel warps (the gradient kernel's own) at d_state 16 / 32 / 64; the
+#           layer at SegMamba's stages; SegMamba / BiSegMamba as shipped; the GPU tests of the tilings and of session
+#           8's token norms, then the rest of the Triton scan's GPU tests as time allows.
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|session9|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|session9|session9b|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -265,6 +268,25 @@ case "$what" in
     nets="${NETS:-SegMamba BiSegMamba}" BENCH_TIMEOUT=$(( (570 - SECONDS) / 2 )) bench auto
     nets="${NETS:-SegMamba BiSegMamba}" BENCH_TIMEOUT=$((570 - SECONDS)) bench triton_all \
       NNUNETV2_MAMBA_TRITON_MIN_LENGTH=0 ;;
+  session9b)
+    timeout 80 python3 benchmarks/triton_kernels.py --length 2097152 --channels 64 --d-state 16 --cases \
+      bf16:bld:4:1:16 bf16:bld:4:1/2:16 > "$out/kernels_16.log" 2>&1
+    grep "FAIL\|^|" "$out/kernels_16.log"
+    timeout 100 python3 benchmarks/triton_kernels.py --length 2097152 --channels 64 --d-state 32 --cases \
+      bf16:bld:4:1:16 bf16:bld:4:1/2:16 bf16:bld:4:1/4:16 bf16:bld:8:1/4:16 > "$out/kernels_32.log" 2>&1
+    grep "FAIL\|^|" "$out/kernels_32.log"
+    timeout 100 python3 benchmarks/triton_kernels.py --length 262144 --channels 128 --d-state 64 --cases \
+      bf16:bld:4:1:16 bf16:bld:4:1/8:16 bf16:bld:4:1/4:16 bf16:bld:8:1/8:16 > "$out/kernels_64.log" 2>&1
+    grep "FAIL\|^|" "$out/kernels_64.log"
+    timeout 60 python3 benchmarks/benchmark_scan.py --shapes 2x2097152x32x32 2x262144x64x64 --dtype bf16 --steps 5 \
+      --warmup 2 --backends triton mamba_ssm > "$out/scan_segmamba_stages.log" 2>&1
+    grep "^| 2x" "$out/scan_segmamba_stages.log" | grep -v upstream
+    nets="${NETS:-SegMamba BiSegMamba}" BENCH_TIMEOUT=150 bench auto
+    timeout $((575 - SECONDS)) python3 -m pytest tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py \
+      tests/nnunetv2_mamba/layers/test_token_layer_norm.py tests/trainers/test_taming_gpu.py \
+      tests/network_architectures/test_vivim_gpu.py -m "gpu and not e2e" -q -rs \
+      -k "larger_states or layer or norm or taming or vivim or Taming or Vivim" > "$out/gpu_tests.log" 2>&1
+    tail -n 3 "$out/gpu_tests.log" ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1
     tail -n 5 "$out/gpu_tests_all.log" ;;

@@ -3,7 +3,7 @@
     python benchmarks/triton_kernels.py --cases bf16:bld:4:1 fp32:bld:4:1 bf16:bdl:4:1 ...
 
 A case is ``dtype:layout:channels per tile:warps``, optionally ``:T`` (tokens per chunk) and ``:S`` (chunks per
-segment) last. Layout ``bld`` is the Mamba layer's (token-major u, delta, z, dout and (B, L, N) views of B and C),
+segment) last; warps ``W/G`` give the gradient kernel G warps and the others W (``W`` alone: all W). Layout ``bld`` is the Mamba layer's (token-major u, delta, z, dout and (B, L, N) views of B and C),
 ``bdl`` (B, D, L)-contiguous. Shape: the raw scan of ``Mamba(d_model=32)`` at 2 x 128^3 tokens (d_inner 64, d_state
 16, shared B/C, D, z and delta_bias, softplus); ``--length``, ``--channels`` and ``--d-state`` change it. Prints, per
 case, the median fwd+bwd (CUDA events), its peak memory and the kernels' time per step from ``torch.profiler``; then
@@ -31,18 +31,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse(case: str):
     dtype, layout, block_d, warps, *rest = case.split(":")
     chunk, segment = (int(v) for v in rest + ["0"] * (2 - len(rest)))
-    return dtype, layout, int(block_d), int(warps), chunk or None, segment or None
+    warps, _, grad_warps = warps.partition("/")
+    return dtype, layout, int(block_d), int(warps), int(grad_warps or warps), chunk or None, segment or None
 
 
 def run_case(case: str, length: int, steps: int, channels: int = 64, d_state: int = 16):
-    dtype, layout, block_d, warps, chunk, segment = parse(case)
+    dtype, layout, block_d, warps, grad_warps, chunk, segment = parse(case)
     if segment:
         os.environ["NNUNETV2_MAMBA_TRITON_SEGMENT"] = str(segment)  # read at every call
     else:
         os.environ.pop("NNUNETV2_MAMBA_TRITON_SEGMENT", None)
     inputs = make(2, channels, length, d_state, "shared", DTYPES[dtype], layout)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    scan = lambda: selective_scan_triton(*leaves, delta_softplus=True, chunk=chunk, block_d=block_d, warps=warps)
+    scan = lambda: selective_scan_triton(*leaves, delta_softplus=True, chunk=chunk, block_d=block_d, warps=warps,
+                                        grad_warps=grad_warps)
     out = scan()  # the same seeded gradient for every case (their results are compared)
     grad = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda").to(out.dtype)
     del out

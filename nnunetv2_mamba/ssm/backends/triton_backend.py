@@ -22,6 +22,12 @@ MAX_D_STATE = 64
 # 1.57x faster (fp32: 1.62x); 2 x 262,144 (64^3) mamba_ssm 1.09x faster, and more so at 32,768 and 4,096 tokens.
 # $NNUNETV2_MAMBA_TRITON_MIN_LENGTH moves the threshold (0: always triton where it can run).
 PREFERRED_MIN_LENGTH = 2 ** 20
+# ... and up to this many states. Beyond, mamba_ssm's kernel (states in shared memory, not registers) stays ahead at
+# every length measured: one H200, the layer's forward + backward, bf16, d_state 64 (SegMamba's 64^3 stage), 2 x
+# 262,144 tokens x 64 channels mamba_ssm 37.5 ms vs triton 97.7 ms, 2 x 32,768 x 128: 10.2 vs 27.0 ms; with triton at
+# that stage SegMamba's training step took 325.6 ms instead of 266.7 (BENCHMARKS.md, 2026-12-03 ninth session). At
+# d_state 32 (its 128^3 stage) triton is 1.38x faster (111.7 vs 154.2 ms).
+PREFERRED_MAX_D_STATE = 32
 
 
 def preferred_min_length() -> int:
@@ -75,7 +81,10 @@ class TritonBackend(ScanBackend):
         return None
 
     def preferred_for(self, u, A) -> bool:
-        return u.shape[-1] >= preferred_min_length()  # supports() already requires CUDA (or the interpreter)
+        # supports() already requires CUDA (or the interpreter); $NNUNETV2_MAMBA_TRITON_MIN_LENGTH=0 means "always
+        # triton where it can run", d_state included
+        threshold = preferred_min_length()
+        return u.shape[-1] >= threshold and (threshold == 0 or A.shape[1] <= PREFERRED_MAX_D_STATE)
 
     def causal_conv1d(self):
         # Our Triton conv + SiLU (triton_conv.py) by default: on one H200 it took the layer's forward+backward at

@@ -56,15 +56,17 @@ from nnunetv2_mamba.ssm.backends.triton_conv import empty_token_major
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 
-# Tiling by d_state (padded to a power of two): (tokens per chunk, channels per tile, warps). Every kernel holds
-# (T, N, BLOCK_D) fp32 tiles in registers, the gradient kernel several; the d_state-16 tiling (16, 4, 1) spills
-# 1216 / 4088 bytes per thread at N = 32 / 64 in it (ptxas for sm_90, benchmarks/triton_registers.py), and SegMamba's
-# first stages (d_state = channels = 32, 64) then took 8x / 3x as long as at N = 16 (BENCHMARKS.md, 2026-12-03).
-# The larger tilings keep the tiles' elements per thread near the N = 16 one's (more warps, fewer tokens); see
-# DECISIONS.md for the measured choice. NNUNETV2_MAMBA_TRITON_TILING="T:BLOCK_D:WARPS" forces one tiling for every
-# d_state (measurements) and NNUNETV2_MAMBA_TRITON_CHUNK the chunk alone (tests use it to get many chunks out of
-# short sequences); explicit arguments of selective_scan_triton win over both.
-TILINGS = {16: (16, 4, 1), 32: (16, 8, 4), 64: (8, 4, 8)}
+# Tiling by d_state (padded to a power of two): (tokens per chunk, channels per tile, warps of the segment kernels,
+# warps of the gradient kernel). Every kernel holds (T, N, BLOCK_D) fp32 tiles in registers, the gradient kernel
+# several: with one warp it spills 1216 / 4088 bytes per thread at N = 32 / 64 (ptxas for sm_90,
+# benchmarks/triton_registers.py). More warps spread its tiles and took its time at 2 x 128^3 x 64, N = 32 from 61.3
+# to 50.7 ms (two warps) and at 2 x 64^3 x 128, N = 64 from 72.0 to 47.5 ms (eight), while the same warps slowed the
+# output kernel 1.7x / 2.7x: so the warps are set per kernel. Fewer tokens per chunk spill less too, but grow the
+# backward's per-chunk state buffers (L / T x N x D fp32): +6.8 GiB at T = 8, N = 32 (BENCHMARKS.md, 2026-12-03
+# ninth session). NNUNETV2_MAMBA_TRITON_TILING="T:BLOCK_D:WARPS[:GRAD_WARPS]" forces one tiling for every d_state
+# (measurements) and NNUNETV2_MAMBA_TRITON_CHUNK the chunk alone (tests use it to get many chunks out of short
+# sequences); explicit arguments of selective_scan_triton win over both.
+TILINGS = {16: (16, 4, 1, 1), 32: (16, 4, 1, 2), 64: (16, 4, 1, 8)}
 # Chunks per segment: the end-state, output and adjoint kernels walk the chunks of one segment in one program,
 # the state carried in registers, so the state buffers between the launches and the carry are per segment (1/8
 # of the chunks). Per chunk (16 tokens, 16 states) a state buffer is as large as an fp32 copy of u: at one chunk
@@ -607,7 +609,8 @@ def _largest_power_of_two_dividing(value: int, cap: int) -> int:
 class _Plan:
     """Launch geometry shared by the forward and backward passes of one call."""
 
-    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps, chunks_per_segment):
+    def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps, chunks_per_segment,
+                 grad_warps=None):
         self.chunk = chunk
         self.n_chunks = triton.cdiv(length, chunk)
         self.chunks_per_segment = max(1, min(chunks_per_segment, self.n_chunks))
@@ -631,40 +634,47 @@ class _Plan:
         self.segment_grid = (self.n_segments,) + self.grid[1:]  # the end-state, output and adjoint kernels
         self.atomic = splits > 1
         self.warps = warps
+        self.grad_warps = grad_warps or warps
 
-    def launch(self, d_state):
-        """Keyword arguments every chunk kernel takes from the plan."""
-        return dict(N=d_state, N_PAD=self.d_state_padded, T=self.chunk, BLOCK_D=self.block_d, num_warps=self.warps)
+    def launch(self, d_state, gradient=False):
+        """Keyword arguments every chunk kernel takes from the plan (the gradient kernel's warps with gradient)."""
+        return dict(N=d_state, N_PAD=self.d_state_padded, T=self.chunk, BLOCK_D=self.block_d,
+                    num_warps=self.grad_warps if gradient else self.warps)
 
 
 def tiling_for(d_state: int):
-    """Return the default (tokens per chunk, channels per tile, warps) of a scan with this many states."""
+    """Return the default (tokens per chunk, channels per tile, warps, gradient kernel's warps) for d_state."""
     forced = os.environ.get("NNUNETV2_MAMBA_TRITON_TILING", "").strip()
     if forced:
         parts = forced.split(":")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS' (three whole "
-                             f"numbers, e.g. '16:4:1'); got {forced!r}. Unset it for the tiling by d_state.")
-        return tuple(int(p) for p in parts)
+        if len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS[:GRAD_WARPS]' "
+                             f"(whole numbers, e.g. '16:4:1:2'); got {forced!r}. Unset it for the tiling by d_state.")
+        values = [int(p) for p in parts]
+        return tuple(values + values[2:3] * (4 - len(values)))
     return TILINGS[max(16, triton.next_power_of_2(d_state))]
 
 
-def _config(chunk, block_d, warps, d_state):
-    default_chunk, default_block_d, default_warps = tiling_for(d_state)
+def _config(chunk, block_d, warps, d_state, grad_warps=None):
+    """Return (chunk, block_d, warps, chunks per segment, gradient kernel's warps): explicit values, else the
+    environment's, else the tiling for d_state. An explicit ``warps`` alone sets the gradient kernel's too."""
+    default_chunk, default_block_d, default_warps, default_grad_warps = tiling_for(d_state)
     forced = os.environ.get("NNUNETV2_MAMBA_TRITON_CHUNK")
     chunk = int(forced) if forced else (chunk or default_chunk)
-    block_d, warps = block_d or default_block_d, warps or default_warps
+    block_d = block_d or default_block_d
+    grad_warps = grad_warps or warps or default_grad_warps
+    warps = warps or default_warps
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"triton scan: the chunk length must be a power of two >= 2; got {chunk}.")
-    if block_d & (block_d - 1) or warps & (warps - 1):
-        raise ValueError(f"triton scan: the channels per tile and the warps must be powers of two; got {block_d} "
-                         f"and {warps}.")
+    if any(v & (v - 1) for v in (block_d, warps, grad_warps)):
+        raise ValueError(f"triton scan: the channels per tile and the warps must be powers of two; got {block_d}, "
+                         f"{warps} and {grad_warps}.")
     value = os.environ.get("NNUNETV2_MAMBA_TRITON_SEGMENT") or str(CHUNKS_PER_SEGMENT)
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_SEGMENT must be a whole number of chunks >= 1; got "
                          f"{value!r}. Unset it for the default ({CHUNKS_PER_SEGMENT}).")
     segment = int(value)
-    return chunk, block_d, warps, segment
+    return chunk, block_d, warps, segment, grad_warps
 
 
 def _state_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -775,8 +785,8 @@ def _carry(local, dtsum, A2, out, forward: bool):
 
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, warps):
-        plan, groups = make_plan(u, A, B, C, chunk, block_d, warps)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, warps, grad_warps):
+        plan, groups = make_plan(u, A, B, C, chunk, block_d, warps, grad_warps)
         A2 = _state_matrix(A)
         # The kernels index D and delta_bias with unit stride.
         D_skip = None if D is None else D.contiguous()
@@ -796,15 +806,16 @@ class SelectiveScanTriton(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         grads = scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.plan, ctx.groups,
                               grad_out)
-        return grads + (None, None, None, None)
+        return grads + (None, None, None, None, None)
 
 
 def make_plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk=None, block_d=None,
-              warps=None):
+              warps=None, grad_warps=None):
     """Return (launch plan, B/C groups) of a scan of u (batch, D, L) with these B and C."""
     batch, channels, length = u.shape
     groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
-    return _Plan(batch, channels, length, A.shape[1], groups, *_config(chunk, block_d, warps, A.shape[1])), groups
+    config = _config(chunk, block_d, warps, A.shape[1], grad_warps)
+    return _Plan(batch, channels, length, A.shape[1], groups, *config), groups
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Plan) -> torch.Tensor:
@@ -875,7 +886,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
             channels, length, K, plan.n_segments, plan.chunks_per_segment, plan.channels_per_group,
             plan.blocks_per_program, groups, B_VARIABLE=b_var, C_VARIABLE=c_var, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, BC_ATOMIC=plan.atomic, **common)
+            SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, BC_ATOMIC=plan.atomic,
+            **plan.launch(d_state, gradient=True))
         del local, prefix, adj_local, suffix, starts, carries
 
         dA = partial_dn.sum(0).t().contiguous()  # (D, N), like A
@@ -896,8 +908,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, plan: _Pl
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk: Optional[int] = None, block_d: Optional[int] = None,
-                          warps: Optional[int] = None):
+                          warps: Optional[int] = None, grad_warps: Optional[int] = None):
     """Return the selective scan output (and the final state if asked), computed by the Triton kernels."""
     out, last_state = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                chunk, block_d, warps)
+                                                chunk, block_d, warps, grad_warps)
     return (out, last_state) if return_last_state else out

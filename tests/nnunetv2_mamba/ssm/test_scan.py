@@ -188,9 +188,10 @@ def test_backend_selection_and_errors(monkeypatch):
 def test_automatic_choice_prefers_triton_on_long_sequences_only(monkeypatch):
     """With both GPU backends usable (simulated here), the automatic order keeps mamba_ssm first, except for
     sequences of PREFERRED_MIN_LENGTH tokens or more (measured: triton 1.6x faster at 2 x 128^3 tokens, slower at
-    64^3 and below), and d_state above the kernels' limit stays on mamba_ssm."""
+    64^3 and below) with at most PREFERRED_MAX_D_STATE states (at 64 mamba_ssm was faster at every length
+    measured), and d_state above the kernels' limit stays on mamba_ssm."""
     from nnunetv2_mamba.ssm.backends.mamba_ssm_backend import MambaSsmBackend
-    from nnunetv2_mamba.ssm.backends.triton_backend import PREFERRED_MIN_LENGTH, TritonBackend
+    from nnunetv2_mamba.ssm.backends.triton_backend import PREFERRED_MAX_D_STATE, PREFERRED_MIN_LENGTH, TritonBackend
 
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     monkeypatch.delenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", raising=False)
@@ -200,6 +201,7 @@ def test_automatic_choice_prefers_triton_on_long_sequences_only(monkeypatch):
     monkeypatch.setattr(TritonBackend, "unsupported_reason",
                         lambda self, u, A: None if A.shape[1] <= 64 else "d_state above 64")
     A16, A128 = torch.zeros(4, 16), torch.zeros(4, 128)
+    A_max, A_above = torch.zeros(4, PREFERRED_MAX_D_STATE), torch.zeros(4, PREFERRED_MAX_D_STATE + 1)
 
     def tokens(length):  # (batch, channels, length) views: nothing allocated
         return torch.zeros(1, 1, 1).expand(2, 4, length)
@@ -207,8 +209,11 @@ def test_automatic_choice_prefers_triton_on_long_sequences_only(monkeypatch):
     assert select_backend(tokens(PREFERRED_MIN_LENGTH - 1), A16).name == "mamba_ssm"
     assert select_backend(tokens(PREFERRED_MIN_LENGTH), A16).name == "triton"
     assert select_backend(tokens(2 * PREFERRED_MIN_LENGTH), A128).name == "mamba_ssm"
-    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", "0")
+    assert select_backend(tokens(2 * PREFERRED_MIN_LENGTH), A_max).name == "triton"
+    assert select_backend(tokens(2 * PREFERRED_MIN_LENGTH), A_above).name == "mamba_ssm"
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", "0")  # always triton where it can run
     assert select_backend(tokens(5), A16).name == "triton"
+    assert select_backend(tokens(5), A_above).name == "triton"
     monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_MIN_LENGTH", "lots")
     with pytest.raises(ValueError, match="NNUNETV2_MAMBA_TRITON_MIN_LENGTH must be a whole number"):
         select_backend(tokens(5), A16)

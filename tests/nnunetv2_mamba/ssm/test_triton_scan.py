@@ -305,24 +305,27 @@ def test_tiling_follows_d_state_and_explicit_settings_win(monkeypatch):
     def plan(d_state, **settings):
         p = make_plan(torch.empty(1, 64, 4096), torch.empty(64, d_state), torch.empty(1, d_state, 4096),
                       torch.empty(1, d_state, 4096), **settings)[0]
-        return p.chunk, p.block_d, p.warps
+        return p.chunk, p.block_d, p.warps, p.grad_warps
 
     assert [plan(n) for n in (1, 16, 17, 32, 64)] == [TILINGS[16], TILINGS[16], TILINGS[32], TILINGS[32], TILINGS[64]]
     assert len({plan(n) for n in (16, 32, 64)}) == 3  # the larger states do get their own tilings
-    assert plan(32, chunk=4, block_d=2, warps=2) == (4, 2, 2)
+    assert plan(32, chunk=4, block_d=2, warps=2) == (4, 2, 2, 2)  # explicit warps: every kernel's
+    assert plan(32, warps=1, grad_warps=4)[2:] == (1, 4)
     monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_TILING", "8:2:4")
-    assert plan(16) == plan(64) == (8, 2, 4)
-    assert plan(64, warps=1) == (8, 2, 1)
+    assert plan(16) == plan(64) == (8, 2, 4, 4)
+    assert plan(64, warps=1) == (8, 2, 1, 1)
+    monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_TILING", "16:4:1:8")
+    assert plan(16) == (16, 4, 1, 8)
 
 
-@pytest.mark.parametrize("value", ["8:2", "8:two:4", "0:4:1"])
+@pytest.mark.parametrize("value", ["8:2", "8:two:4", "0:4:1", "16:4:1:2:2"])
 def test_bad_tiling_setting_says_what_is_wrong(monkeypatch, value):
     import torch
 
     from nnunetv2_mamba.ssm.backends.triton_scan import make_plan
 
     monkeypatch.setenv("NNUNETV2_MAMBA_TRITON_TILING", value)
-    with pytest.raises(ValueError, match="NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS'"):
+    with pytest.raises(ValueError, match="NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS"):
         make_plan(torch.empty(1, 4, 40), torch.empty(4, 4), torch.empty(1, 4, 40), torch.empty(1, 4, 40))
 
 
