@@ -34,10 +34,12 @@
 # session9b: the Triton scan's kernels with per-kernel warps (the gradient kernel's own) at d_state 16 / 32 / 64; the
 #           layer at SegMamba's stages; SegMamba / BiSegMamba as shipped; the GPU tests of the tilings and of session
 #           8's token norms, then the rest of the Triton scan's GPU tests as time allows.
+# session9c: the layer at SegMamba's d_state-64 stage with the final tiling; BiSegMamba / SegMambaSkip as shipped;
+#           the Triton scan's GPU tests session9b left out, as time allows (430 s in all).
 # networks: network benchmark: mamba_ssm with fp32 mixers (the published policy) vs the bf16 policy, and triton with
 #           torch's and with the Triton conv (about 200 s per row group: may need two calls).
 set -uo pipefail
-what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|session9|session9b|tests|profile|networks}"
+what="${1:?first|plans|calibrate|finish|finish24|last|kernels|networks_triton|networks_norm|session7|channels_last|final|recalibrate|session8|session8b|session9|session9b|session9c|tests|profile|networks}"
 out="${OUT:-/tmp/gpu_out}"; mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
@@ -286,6 +288,14 @@ case "$what" in
       tests/nnunetv2_mamba/layers/test_token_layer_norm.py tests/trainers/test_taming_gpu.py \
       tests/network_architectures/test_vivim_gpu.py -m "gpu and not e2e" -q -rs \
       -k "larger_states or layer or norm or taming or vivim or Taming or Vivim" > "$out/gpu_tests.log" 2>&1
+    tail -n 3 "$out/gpu_tests.log" ;;
+  session9c)
+    timeout 40 python3 benchmarks/benchmark_scan.py --shapes 2x262144x64x64 --dtype bf16 --steps 5 --warmup 2 \
+      --backends triton mamba_ssm > "$out/scan_segmamba_stage1.log" 2>&1
+    grep "^| 2x" "$out/scan_segmamba_stage1.log" | grep -v upstream
+    nets="${NETS:-BiSegMamba SegMambaSkip}" BENCH_TIMEOUT=190 bench auto
+    timeout $((430 - SECONDS)) python3 -m pytest tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py -m "gpu and not e2e" \
+      -q -rs -k "not (larger_states or layer or norm)" > "$out/gpu_tests.log" 2>&1
     tail -n 3 "$out/gpu_tests.log" ;;
   tests)  # every GPU test that is not e2e
     timeout 550 python3 -m pytest tests -m "gpu and not e2e" -q -rs > "$out/gpu_tests_all.log" 2>&1

@@ -59,14 +59,15 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 # Tiling by d_state (padded to a power of two): (tokens per chunk, channels per tile, warps of the segment kernels,
 # warps of the gradient kernel). Every kernel holds (T, N, BLOCK_D) fp32 tiles in registers, the gradient kernel
 # several: with one warp it spills 1216 / 4088 bytes per thread at N = 32 / 64 (ptxas for sm_90,
-# benchmarks/triton_registers.py). More warps spread its tiles and took its time at 2 x 128^3 x 64, N = 32 from 61.3
-# to 50.7 ms (two warps) and at 2 x 64^3 x 128, N = 64 from 72.0 to 47.5 ms (eight), while the same warps slowed the
-# output kernel 1.7x / 2.7x: so the warps are set per kernel. Fewer tokens per chunk spill less too, but grow the
+# benchmarks/triton_registers.py). More warps spread its tiles: at 2 x 128^3 tokens x 64 channels, N = 32, its time
+# went from 60.4 to 50.4 ms with two warps (82.5 with four), at 2 x 64^3 x 128, N = 64, from 71.2 to 27.5 ms with
+# four (47.2 with eight); at N = 16 two warps doubled it. The same warps slowed the output kernel 1.7x / 2.7x, so the
+# warps are set per kernel. Fewer tokens per chunk spill less too, but grow the
 # backward's per-chunk state buffers (L / T x N x D fp32): +6.8 GiB at T = 8, N = 32 (BENCHMARKS.md, 2026-12-03
 # ninth session). NNUNETV2_MAMBA_TRITON_TILING="T:BLOCK_D:WARPS[:GRAD_WARPS]" forces one tiling for every d_state
 # (measurements) and NNUNETV2_MAMBA_TRITON_CHUNK the chunk alone (tests use it to get many chunks out of short
 # sequences); explicit arguments of selective_scan_triton win over both.
-TILINGS = {16: (16, 4, 1, 1), 32: (16, 4, 1, 2), 64: (16, 4, 1, 8)}
+TILINGS = {16: (16, 4, 1, 1), 32: (16, 4, 1, 2), 64: (16, 4, 1, 4)}
 # Chunks per segment: the end-state, output and adjoint kernels walk the chunks of one segment in one program,
 # the state carried in registers, so the state buffers between the launches and the carry are per segment (1/8
 # of the chunks). Per chunk (16 tokens, 16 states) a state buffer is as large as an fp32 copy of u: at one chunk
