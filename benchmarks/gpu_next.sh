@@ -294,7 +294,7 @@ case "$what" in
       --backends triton mamba_ssm > "$out/scan_segmamba_stage1.log" 2>&1
     grep "^| 2x" "$out/scan_segmamba_stage1.log" | grep -v upstream
     nets="${NETS:-BiSegMamba SegMambaSkip}" BENCH_TIMEOUT=190 bench auto
-    timeout $((430 - SECONDS)) python3 -m pytest tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py -m "gpu and not e2e" \
+    timeout $((${DEADLINE:-430} - SECONDS)) python3 -m pytest tests/nnunetv2_mamba/ssm/test_triton_scan_gpu.py -m "gpu and not e2e" \
       -q -rs -k "not (larger_states or layer or norm)" > "$out/gpu_tests.log" 2>&1
     tail -n 3 "$out/gpu_tests.log" ;;
   tests)  # every GPU test that is not e2e
