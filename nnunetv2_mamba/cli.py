@@ -112,6 +112,9 @@ def _check_devices_and_backends(report: Report) -> None:
         long_length = max(preferred_min_length(), 1)
         report.ok(f"chosen for sequences of {long_length} tokens or more on {device}: "
                   f"{select_backend_for(long_length, 16, device).name}{source}")
+        # SegMamba's d_state follows its channels (32 at 128^3, 64 at 64^3): triton claims long scans up to 32 states
+        report.ok(f"chosen for such sequences with d_state 64 on {device}: "
+                  f"{select_backend_for(long_length, 64, device).name}{source}")
     except (BackendError, ValueError) as error:
         report.problem(str(error), f"unset {BACKEND_ENV_VAR} and NNUNETV2_MAMBA_TRITON_MIN_LENGTH")
     if device == "cuda" and not forced and "torch" in chosen_names:

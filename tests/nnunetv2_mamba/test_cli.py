@@ -39,6 +39,7 @@ def test_doctor_warns_with_fixes_when_nnunet_paths_are_missing_but_passes(monkey
     assert "3 warning(s)" in out
     assert "torch: available" in out and "chosen for fp32 tensors on cpu: torch" in out
     assert "chosen for d_state 128 (the SegMamba family) on cpu: torch" in out
+    assert "chosen for such sequences with d_state 64 on cpu: torch" in out
     assert "nnunetv2 2.8" in out
 
 
