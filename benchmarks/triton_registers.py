@@ -1,11 +1,14 @@
 """Compile the Triton scan and causal-conv kernels for sm_90 without a GPU and report registers, spills and, with
 ``--sass``, the instruction mix of the machine code (cuobjdump -sass).
 
-    python benchmarks/triton_registers.py [--sass]
+    python benchmarks/triton_registers.py [--sass] [--d-state 32]
 
 Triton compiles for a GPU target it is given (no device needed); ptxas and cuobjdump ship with Triton. Used to
 check a rewrite of the kernels before spending device time (TRITON_NOTES.md): the scan kernels are bound by the
-instructions they issue, and warp shuffles (SHFL, a quarter of the FMA rate) and MUFU (exp2, an eighth) cost most."""
+instructions they issue, and warp shuffles (SHFL, a quarter of the FMA rate) and MUFU (exp2, an eighth) cost most.
+The scan kernels compile with the tiling the scan uses at ``--d-state`` (``TILINGS``, default 16;
+``$NNUNETV2_MAMBA_TRITON_TILING`` forces another): spills are a hint, not the verdict (DECISIONS.md: the spill-free
+tilings at d_state 32 / 64 were slower on the GPU)."""
 import collections
 import os
 import re
@@ -20,7 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nnunetv2_mamba.ssm.backends import triton_conv as tc
 from nnunetv2_mamba.ssm.backends import triton_scan as ts
 
-common = dict(N=16, N_PAD=16, T=16, BLOCK_D=4)
+D_STATE = int(sys.argv[sys.argv.index("--d-state") + 1]) if "--d-state" in sys.argv else 16
+CHUNK, BLOCK_D, SCAN_WARPS, GRAD_WARPS = ts.tiling_for(D_STATE)
+common = dict(N=D_STATE, N_PAD=triton.next_power_of_2(D_STATE), T=CHUNK, BLOCK_D=BLOCK_D)
 SASS_CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "LDG", "STG", "LDS", "STS", "BAR")
 
 
@@ -69,11 +74,14 @@ kernels["norm_cl_stats"] = (tncl._norm_cl_stats_kernel, dict(BLOCK_M=64, C_PAD=3
 kernels["norm_cl_apply"] = (tncl._norm_cl_apply_kernel, dict(SPLITS_PAD=256, BLOCK_M=64, C_PAD=32, AFFINE=True))
 kernels["norm_cl_gsums"] = (tncl._norm_cl_grad_sums_kernel, dict(BLOCK_M=64, C_PAD=32))
 kernels["norm_cl_gin"] = (tncl._norm_cl_grad_input_kernel, dict(SPLITS_PAD=256, BLOCK_M=64, C_PAD=32, AFFINE=True))
-# triton_conv launches with Triton's default; the norm with its WARPS; the scan kernels with 1
-warps = {"conv_fwd": 4, "conv_bwd": 4, "token_norm_fwd": 4, "token_norm_bwd": 4, **{name: tnorm.WARPS for name in kernels if name.startswith("norm_")}}
+# triton_conv launches with Triton's default; the norm with its WARPS; the scan kernels with the tiling's
+warps = {"end_state": SCAN_WARPS, "end_local": SCAN_WARPS, "output": SCAN_WARPS, "adjoint": SCAN_WARPS,
+         "grad": GRAD_WARPS,
+         "conv_fwd": 4, "conv_bwd": 4, "token_norm_fwd": 4, "token_norm_bwd": 4, **{name: tnorm.WARPS for name in kernels if name.startswith("norm_")}}
 warps.update({name: tncl.WARPS for name in kernels if name.startswith("norm_cl_")})
 tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
-print(f"triton {triton.__version__}, sm_90")
+print(f"triton {triton.__version__}, sm_90; scan kernels at d_state {D_STATE}: {CHUNK} tokens per chunk, "
+      f"{BLOCK_D} channels per tile, {SCAN_WARPS} warp(s), gradient kernel {GRAD_WARPS}")
 for name, (fn, consts) in kernels.items():
     src = ASTSource(fn=fn, signature=signature(fn, consts), constexprs=dict(consts))
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps.get(name, 1)})
