@@ -3,11 +3,12 @@
     python benchmarks/triton_kernels.py --cases bf16:bld:4:1 fp32:bld:4:1 bf16:bdl:4:1 ...
 
 A case is ``dtype:layout:channels per tile:warps``, optionally ``:T`` (tokens per chunk) and ``:S`` (chunks per
-segment) last; warps ``W/G`` give the gradient kernel G warps and the others W (``W`` alone: all W). Layout ``bld`` is the Mamba layer's (token-major u, delta, z, dout and (B, L, N) views of B and C),
-``bdl`` (B, D, L)-contiguous. Shape: the raw scan of ``Mamba(d_model=32)`` at 2 x 128^3 tokens (d_inner 64, d_state
-16, shared B/C, D, z and delta_bias, softplus); ``--length``, ``--channels`` and ``--d-state`` change it. Prints, per
-case, the median fwd+bwd (CUDA events), its peak memory and the kernels' time per step from ``torch.profiler``; then
-one table of all cases (benchmarks/TRITON_NOTES.md keeps the record).
+segment) last; warps ``W/G`` give the gradient kernel G warps and the others W (``W`` alone: all W). Layout ``bld``
+is the Mamba layer's (token-major u, delta, z, dout and (B, L, N) views of B and C), ``bdl`` (B, D, L)-contiguous.
+Shape: the raw scan of ``Mamba(d_model=32)`` at 2 x 128^3 tokens (d_inner 64, d_state 16, shared B/C, D, z and
+delta_bias, softplus); ``--length``, ``--channels`` and ``--d-state`` change it. Prints, per case, the median fwd+bwd
+(CUDA events), its peak memory and the kernels' time per step from ``torch.profiler``; then one table of all cases
+(benchmarks/TRITON_NOTES.md keeps the record).
 """
 from __future__ import annotations
 

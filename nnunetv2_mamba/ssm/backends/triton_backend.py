@@ -24,9 +24,10 @@ MAX_D_STATE = 64
 PREFERRED_MIN_LENGTH = 2 ** 20
 # ... and up to this many states. Beyond, mamba_ssm's kernel (states in shared memory, not registers) stays ahead at
 # every length measured: one H200, the layer's forward + backward, bf16, d_state 64 (SegMamba's 64^3 stage), 2 x
-# 262,144 tokens x 64 channels mamba_ssm 37.5 ms vs triton 97.7 ms, 2 x 32,768 x 128: 10.2 vs 27.0 ms; with triton at
-# that stage SegMamba's training step took 325.6 ms instead of 266.7 (BENCHMARKS.md, 2026-12-03 ninth session). At
-# d_state 32 (its 128^3 stage) triton is 1.38x faster (111.7 vs 154.2 ms).
+# 262,144 tokens x 64 channels mamba_ssm 37.6 ms vs triton 54.1 ms with its d_state-64 tiling; before that tiling,
+# 2 x 32,768 x 128 took 10.2 vs 27.0 ms, and with triton at that stage SegMamba's training step took 325.6 ms instead
+# of 266.7 (BENCHMARKS.md, 2026-12-03 ninth session). At d_state 32 (its 128^3 stage) triton is 1.61x faster (93.1
+# vs 150.0 ms).
 PREFERRED_MAX_D_STATE = 32
 
 

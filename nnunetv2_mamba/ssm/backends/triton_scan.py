@@ -62,11 +62,11 @@ LN2 = tl.constexpr(math.log(2.0))  # read inside the kernels
 # benchmarks/triton_registers.py). More warps spread its tiles: at 2 x 128^3 tokens x 64 channels, N = 32, its time
 # went from 60.4 to 50.4 ms with two warps (82.5 with four), at 2 x 64^3 x 128, N = 64, from 71.2 to 27.5 ms with
 # four (47.2 with eight); at N = 16 two warps doubled it. The same warps slowed the output kernel 1.7x / 2.7x, so the
-# warps are set per kernel. Fewer tokens per chunk spill less too, but grow the
-# backward's per-chunk state buffers (L / T x N x D fp32): +6.8 GiB at T = 8, N = 32 (BENCHMARKS.md, 2026-12-03
-# ninth session). NNUNETV2_MAMBA_TRITON_TILING="T:BLOCK_D:WARPS[:GRAD_WARPS]" forces one tiling for every d_state
-# (measurements) and NNUNETV2_MAMBA_TRITON_CHUNK the chunk alone (tests use it to get many chunks out of short
-# sequences); explicit arguments of selective_scan_triton win over both.
+# warps are set per kernel. Fewer tokens per chunk spill less too, but grow the backward's per-chunk state buffers
+# (L / T x N x D fp32): +6.8 GiB at T = 8, N = 32 (BENCHMARKS.md, 2026-12-03 ninth session).
+# NNUNETV2_MAMBA_TRITON_TILING="T:BLOCK_D:WARPS[:GRAD_WARPS]" forces one tiling for every d_state (measurements)
+# and NNUNETV2_MAMBA_TRITON_CHUNK the chunk alone (tests use it to get many chunks out of short sequences);
+# explicit arguments of selective_scan_triton win over both.
 TILINGS = {16: (16, 4, 1, 1), 32: (16, 4, 1, 2), 64: (16, 4, 1, 4)}
 # Chunks per segment: the end-state, output and adjoint kernels walk the chunks of one segment in one program,
 # the state carried in registers, so the state buffers between the launches and the carry are per segment (1/8
@@ -611,7 +611,7 @@ class _Plan:
     """Launch geometry shared by the forward and backward passes of one call."""
 
     def __init__(self, batch, channels, length, d_state, groups, chunk, block_d, warps, chunks_per_segment,
-                 grad_warps=None):
+                 grad_warps):
         self.chunk = chunk
         self.n_chunks = triton.cdiv(length, chunk)
         self.chunks_per_segment = max(1, min(chunks_per_segment, self.n_chunks))
@@ -635,7 +635,7 @@ class _Plan:
         self.segment_grid = (self.n_segments,) + self.grid[1:]  # the end-state, output and adjoint kernels
         self.atomic = splits > 1
         self.warps = warps
-        self.grad_warps = grad_warps or warps
+        self.grad_warps = grad_warps
 
     def launch(self, d_state, gradient=False):
         """Keyword arguments every chunk kernel takes from the plan (the gradient kernel's warps with gradient)."""
@@ -652,7 +652,9 @@ def tiling_for(d_state: int):
             raise ValueError(f"triton scan: $NNUNETV2_MAMBA_TRITON_TILING must be 'T:BLOCK_D:WARPS[:GRAD_WARPS]' "
                              f"(whole numbers, e.g. '16:4:1:2'); got {forced!r}. Unset it for the tiling by d_state.")
         values = [int(p) for p in parts]
-        return tuple(values + values[2:3] * (4 - len(values)))
+        if len(values) == 3:  # one warp count for every kernel
+            values.append(values[2])
+        return tuple(values)
     return TILINGS[max(16, triton.next_power_of_2(d_state))]
 
 

@@ -81,7 +81,8 @@ def test_triton_matches_reference_and_mamba_ssm(dtype, length, bc):
 @pytest.mark.parametrize("bc", ["shared", "grouped"])
 @pytest.mark.parametrize("d_state", [24, 32, 64])
 def test_larger_states_match_reference_and_mamba_ssm(d_state, bc, length, dtype):
-    """The d_state-32 / 64 tilings (TILINGS); 24 states are padded to 32; 20 channels leave a tile partly masked."""
+    """The d_state-32 / 64 tilings (TILINGS); 24 states are padded to 32; the grouped B/C's 10 channels per group
+    take 2-channel tiles (the interpreter cases cover a partly masked tile)."""
     check(2, 20, length, bc, dtype, d_state=d_state)
 
 
